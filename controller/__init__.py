@@ -1,0 +1,1 @@
+"""The throttllem sidecar controller, its command line and its evaluation tools."""
