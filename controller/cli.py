@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import cli_twin
 
@@ -12,8 +13,15 @@ from . import cli_twin
 EXIT_USAGE = 2
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad arguments get one line naming the problem (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="throttllem",
         description="SLO-aware GPU clock and instance scaling for LLM inference on Triton.",
     )
