@@ -1,0 +1,95 @@
+"""Online prediction of how many tokens a request will generate.
+
+Learned from finished requests, conditioned on prompt length (log-spaced buckets), and
+conservative: the prediction is the q-quantile of the lengths seen so far AMONG THOSE LONGER THAN
+what the request has already generated. So a request that outlives its first prediction gets a
+longer one at once, and one that outlives every length seen falls back to its max_tokens. A
+client's hint, when present, is used instead. Never above max_tokens, never below generated + 1.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+# Until a bucket has seen this many requests, the prior below speaks for it.
+MIN_SAMPLES = 32
+# A log-normal fitted to the Azure LLM inference trace (conversation, 2023): median 129,
+# mean 211 output tokens. Used only before the predictor has learned anything.
+PRIOR_MEDIAN_TOKENS = 129.0
+PRIOR_SIGMA = 0.99
+
+
+@dataclass
+class _Bucket:
+    window: int
+    recent: deque[int] = field(default_factory=deque)
+    ordered: list[int] = field(default_factory=list)
+
+    def add(self, tokens: int) -> None:
+        if len(self.recent) == self.window:
+            old = self.recent.popleft()
+            del self.ordered[bisect.bisect_left(self.ordered, old)]
+        self.recent.append(tokens)
+        bisect.insort(self.ordered, tokens)
+
+
+@dataclass(frozen=True)
+class PredictorError:
+    """How the predictions made at arrival compared with the true lengths."""
+
+    count: int
+    mean_abs_pct_error: float
+    under_predicted_share: float  # share of requests that outlived their arrival prediction
+
+
+class LengthPredictor:
+    def __init__(self, quantile: float = 0.9, window: int = 2048, buckets: int = 8) -> None:
+        if not 0 < quantile < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+        self.quantile = quantile
+        self._buckets = [_Bucket(window) for _ in range(buckets)]
+        self._errors: deque[tuple[int, int]] = deque(maxlen=4096)
+
+    def _bucket(self, prompt_tokens: int) -> _Bucket:
+        # Log2 buckets from 64 tokens up: 0-127, 128-255, ..., the last takes the rest.
+        index = max(0, int(math.log2(max(prompt_tokens, 1))) - 6)
+        return self._buckets[min(index, len(self._buckets) - 1)]
+
+    def predict(
+        self, prompt_tokens: int, max_tokens: int, generated: int = 0, hint: int | None = None
+    ) -> int:
+        """Total output tokens this request is expected to reach."""
+        floor = min(generated + 1, max_tokens)
+        if hint is not None and hint > 0:
+            return max(floor, min(hint, max_tokens))
+        samples = self._bucket(prompt_tokens).ordered
+        if len(samples) < MIN_SAMPLES:
+            return max(floor, min(self._prior(generated), max_tokens))
+        longer = bisect.bisect_right(samples, generated)
+        if longer == len(samples):
+            return max_tokens  # outlived every length seen: only max_tokens bounds it
+        index = longer + int(self.quantile * (len(samples) - longer))
+        return max(floor, min(samples[min(index, len(samples) - 1)], max_tokens))
+
+    def _prior(self, generated: int) -> int:
+        z = NormalDist().inv_cdf(self.quantile)
+        value = PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * z)
+        return int(math.ceil(max(value, generated + 1)))
+
+    def observe(self, prompt_tokens: int, output_tokens: int, predicted_at_arrival: int) -> None:
+        """Learn from a finished request (not from cancelled ones: their length is unknown)."""
+        if output_tokens <= 0:
+            return
+        self._bucket(prompt_tokens).add(output_tokens)
+        self._errors.append((predicted_at_arrival, output_tokens))
+
+    def error(self) -> PredictorError:
+        if not self._errors:
+            return PredictorError(0, 0.0, 0.0)
+        pct = [abs(p - t) / t for p, t in self._errors]
+        under = [p < t for p, t in self._errors]
+        return PredictorError(len(pct), sum(pct) / len(pct), sum(under) / len(under))

@@ -1,0 +1,83 @@
+"""Length predictor: conservative quantiles, conditioning, fallbacks and its error report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from throttllem.controller.length_predictor import MIN_SAMPLES, LengthPredictor
+
+
+def _trained(lengths: list[int], prompt: int = 500, quantile: float = 0.9) -> LengthPredictor:
+    p = LengthPredictor(quantile=quantile)
+    for n in lengths:
+        p.observe(prompt, n, predicted_at_arrival=n)
+    return p
+
+
+def test_cold_start_uses_the_prior_and_respects_max_tokens() -> None:
+    p = LengthPredictor(quantile=0.5)
+    assert p.predict(500, max_tokens=4096) == 129  # the prior's median
+    assert p.predict(500, max_tokens=50) == 50
+
+
+def test_learned_quantile_is_conservative() -> None:
+    lengths = list(range(1, 1001))
+    p = _trained(lengths, quantile=0.9)
+    assert p.predict(500, max_tokens=4096) == pytest.approx(900, abs=2)
+
+
+def test_a_request_that_outlives_its_prediction_gets_a_longer_one() -> None:
+    p = _trained(list(range(1, 1001)), quantile=0.5)
+    first = p.predict(500, 4096)
+    later = p.predict(500, 4096, generated=first + 10)
+    assert later > first + 10
+    # Past every length seen: only max_tokens bounds it.
+    assert p.predict(500, 4096, generated=1000) == 4096
+
+
+def test_conditioned_on_prompt_length() -> None:
+    p = LengthPredictor(quantile=0.5)
+    for _ in range(MIN_SAMPLES * 2):
+        p.observe(100, 20, 20)
+        p.observe(3000, 400, 400)
+    assert p.predict(100, 4096) == 20
+    assert p.predict(3000, 4096) == 400
+
+
+def test_hint_wins_but_is_bounded() -> None:
+    p = _trained([10] * 100)
+    assert p.predict(500, 4096, hint=300) == 300
+    assert p.predict(500, 200, hint=300) == 200
+    assert p.predict(500, 4096, generated=350, hint=300) == 351
+
+
+def test_error_report_counts_under_predictions() -> None:
+    p = LengthPredictor()
+    p.observe(100, 100, predicted_at_arrival=150)
+    p.observe(100, 100, predicted_at_arrival=50)
+    err = p.error()
+    assert err.count == 2
+    assert err.mean_abs_pct_error == pytest.approx(0.5)
+    assert err.under_predicted_share == pytest.approx(0.5)
+
+
+def test_window_forgets_old_traffic() -> None:
+    p = LengthPredictor(quantile=0.5, window=64)
+    for _ in range(64):
+        p.observe(500, 1000, 1000)
+    for _ in range(64):
+        p.observe(500, 10, 10)
+    assert p.predict(500, 4096) == 10
+
+
+def test_prior_quantile_matches_a_lognormal_sample() -> None:
+    rng = np.random.default_rng(0)
+    sample = rng.lognormal(np.log(129), 0.99, 200_000)
+    p = LengthPredictor(quantile=0.9)
+    assert p.predict(500, 100_000) == pytest.approx(np.quantile(sample, 0.9), rel=0.02)
+
+
+def test_bad_quantile_is_rejected() -> None:
+    with pytest.raises(ValueError, match="quantile"):
+        LengthPredictor(quantile=1.0)
