@@ -1,0 +1,194 @@
+"""The SLO-aware clock choice: the lowest clock under which every request still meets its SLOs.
+
+`choose_clock` is pure: projected future work + per-request deadlines + a compiled performance
+model -> a `ClockChoice` that says why. Feasibility is monotone in the clock (the model is), so a
+binary search over the supported clocks finds the lowest feasible one in log2(N) evaluations.
+`ClockGovernor` adds what a real GPU needs on top: hysteresis, a minimum interval between
+changes, skipping unchanged values, and raising at once when deadlines are threatened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .ips_table import IpsTable, PreparedWork
+from .projection import Projection
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class RequestDeadlines:
+    """Per-request targets, aligned with the projection's running and queued arrays.
+
+    Absolute times in seconds (the caller's time base); `inf` where a request has no such SLO.
+    """
+
+    running_ids: tuple[str, ...]
+    running_e2e_deadline_s: FloatArray
+    running_tbt_target_s: FloatArray
+    running_first_token_s: FloatArray
+    running_generated: IntArray
+    queued_ids: tuple[str, ...]
+    queued_ttft_deadline_s: FloatArray
+    queued_e2e_deadline_s: FloatArray
+    queued_tbt_target_s: FloatArray
+
+
+@dataclass(frozen=True)
+class ClockChoice:
+    clock_mhz: int
+    reason: str
+    min_slack_s: float  # at the chosen clock; negative when requests are lost anyway
+    tightest_request: str | None
+    predicted_ips: float  # for the next iteration at the chosen clock
+    lost_requests: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Check:
+    min_slack_s: float
+    tightest: str | None
+    negative: tuple[str, ...]
+    first_iteration_s: float
+
+
+@dataclass(frozen=True)
+class _Constraints:
+    """Every SLO as `slack = base - T[end] + T[start]`, T[i] the projected time at which
+    iteration i-1 ends (T[0] = 0). Built once per decision, evaluated once per clock tried."""
+
+    base_s: FloatArray
+    end: IntArray
+    start: IntArray
+    ids: tuple[str, ...]
+
+
+def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Constraints:
+    bases, ends, starts, ids = [], [], [], []
+    if dl.running_ids:
+        last = proj.running_last_iter + 1
+        zero = np.zeros_like(last)
+        gaps = np.maximum(dl.running_generated + proj.running_last_iter, 1)
+        bases += [dl.running_e2e_deadline_s - now_s,
+                  dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s]
+        ends += [last, last]
+        starts += [zero, zero]
+        ids += list(dl.running_ids) * 2
+    if dl.queued_ids:
+        beyond_first = proj.queued_first_iter < 0
+        beyond_last = proj.queued_last_iter < 0
+        first = np.maximum(proj.queued_first_iter, 0) + 1
+        last = np.where(beyond_last, proj.horizon, proj.queued_last_iter + 1)
+        zero = np.zeros_like(first)
+        gaps = np.maximum(last - first, 1)
+        # Not served within the horizon: any finite target counts as missed.
+        ttft = np.where(beyond_first, -np.inf, dl.queued_ttft_deadline_s - now_s)
+        e2e = np.where(beyond_last, -np.inf, dl.queued_e2e_deadline_s - now_s)
+        tbt = np.where(beyond_last, -np.inf, dl.queued_tbt_target_s * gaps)
+        for targets, base in ((dl.queued_ttft_deadline_s, ttft), (dl.queued_e2e_deadline_s, e2e),
+                              (dl.queued_tbt_target_s, tbt)):
+            bases.append(np.where(np.isinf(targets), np.inf, base))
+        ends += [first, last, last]
+        starts += [zero, zero, first]
+        ids += list(dl.queued_ids) * 3
+    if not bases:
+        empty = np.zeros(0, dtype=np.int64)
+        return _Constraints(np.zeros(0), empty, empty, ())
+    return _Constraints(
+        np.concatenate(bases).astype(np.float64), np.concatenate(ends).astype(np.int64),
+        np.concatenate(starts).astype(np.int64), tuple(ids),
+    )
+
+
+def _check(
+    proj: Projection, table: IpsTable, clock_index: int, margin_s: float, work: PreparedWork,
+    cons: _Constraints, name_losses: bool = False,
+) -> _Check:
+    if proj.horizon == 0 or not cons.ids:
+        return _Check(float("inf"), None, (), 0.0)
+    tau = table.seconds_prepared(clock_index, work)
+    t = np.empty(tau.shape[0] + 1)
+    t[0] = 0.0
+    np.cumsum(tau, out=t[1:])
+    slack = cons.base_s - t.take(cons.end) + t.take(cons.start) - margin_s
+    worst = int(np.argmin(slack))
+    negative: tuple[str, ...] = ()
+    if name_losses:
+        negative = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(slack < 0)[0]))
+    return _Check(float(slack[worst]), cons.ids[worst], negative, float(tau[0]))
+
+
+def choose_clock(
+    now_s: float, proj: Projection, deadlines: RequestDeadlines, table: IpsTable,
+    *, margin_s: float = 0.0,
+) -> ClockChoice:
+    """The lowest supported clock meeting every SLO; the maximum when some request is lost."""
+    clocks = table.clocks_mhz
+    top = len(clocks) - 1
+    work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
+    cons = _constraints(now_s, proj, deadlines)
+    at_max = _check(proj, table, top, margin_s, work, cons, name_losses=True)
+    if at_max.min_slack_s < 0:
+        return ClockChoice(
+            int(clocks[top]),
+            f"max: {len(at_max.negative)} request(s) miss an SLO even at max clock",
+            at_max.min_slack_s, at_max.tightest, 1.0 / max(at_max.first_iteration_s, 1e-9),
+            at_max.negative,
+        )
+    lo, hi, best = 0, top, at_max
+    while lo < hi:
+        mid = (lo + hi) // 2
+        result = _check(proj, table, mid, margin_s, work, cons)
+        if result.min_slack_s >= 0:
+            hi, best = mid, result
+        else:
+            lo = mid + 1
+    if proj.horizon == 0:
+        reason = "idle: nothing in flight"
+    else:
+        reason = f"lowest clock meeting every SLO; tightest {best.tightest}"
+    return ClockChoice(
+        int(clocks[lo]), reason, best.min_slack_s, best.tightest,
+        1.0 / max(best.first_iteration_s, 1e-9) if proj.horizon else 0.0,
+    )
+
+
+@dataclass
+class GovernorConfig:
+    min_interval_s: float = 0.2  # between two lowering changes
+    hysteresis_mhz: int = 30  # ignore lowering by less than this
+    # Raising is never delayed: a late raise costs deadlines, a late lowering only energy.
+
+
+@dataclass
+class ClockGovernor:
+    """Turns each choice into an actuation, or none: rate-limited, hysteretic, idempotent."""
+
+    config: GovernorConfig = field(default_factory=GovernorConfig)
+    current_mhz: int | None = None
+    last_change_s: float = float("-inf")
+    changes: int = 0
+
+    def apply(self, now_s: float, choice: ClockChoice) -> int | None:
+        """The clock to set now, or None to leave the GPU as it is."""
+        target = choice.clock_mhz
+        if target == self.current_mhz:
+            return None
+        if self.current_mhz is not None and target < self.current_mhz:
+            if self.current_mhz - target < self.config.hysteresis_mhz:
+                return None
+            if now_s - self.last_change_s < self.config.min_interval_s:
+                return None
+        self.current_mhz = target
+        self.last_change_s = now_s
+        self.changes += 1
+        return target
+
+    def forget(self) -> None:
+        """The GPU was reset behind our back (clock daemon, restart): next choice is applied."""
+        self.current_mhz = None

@@ -1,0 +1,110 @@
+"""A performance model compiled into a lookup table, so a decision costs microseconds.
+
+A tree model is piecewise constant anyway; sampling it once on a grid of (clock, batch, KV) and
+rounding KV UP to the next grid point (more KV is never faster) keeps the prediction conservative
+and turns each decision's thousands of model calls into one numpy gather. Iterations that carry
+a prefill (prompt tokens) are rare in a projection; they use a second, coarser table with a
+prompt-token axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .perf_model import FEATURES, PerformanceModel
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+CTX_LEVELS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+COARSE_BATCH_POINTS = 17
+
+
+@dataclass(frozen=True)
+class PreparedWork:
+    flat: IntArray  # per iteration: position in the (batch, KV) grid
+    prefill: IntArray  # iterations that carry prompt tokens
+    ctx_flat: IntArray  # their position in the (batch, KV, prompt tokens) grid
+
+
+class IpsTable:
+    """Seconds per iteration by clock index (clocks ascending), batch, KV blocks, prompt tokens."""
+
+    def __init__(
+        self,
+        model: PerformanceModel,
+        clocks_mhz: Sequence[int],
+        *,
+        tp: int,
+        max_batch: int,
+        kv_capacity_blocks: int,
+        kv_points: int = 64,
+    ) -> None:
+        self.clocks_mhz = np.array(sorted(clocks_mhz), dtype=np.int64)
+        self.max_batch = max_batch
+        self.kv_capacity = max(kv_capacity_blocks, 1)
+        self.kv_grid = np.unique(
+            np.ceil(np.linspace(0, self.kv_capacity, kv_points)).astype(np.int64)
+        )
+        batches = np.arange(max_batch + 1, dtype=np.int64)
+        self._gen = self._sample(model, tp, batches, self.kv_grid, np.array([0]))[..., 0]
+        self.coarse_batch = np.unique(
+            np.ceil(np.linspace(0, max_batch, COARSE_BATCH_POINTS)).astype(np.int64)
+        )
+        self.coarse_kv = self.kv_grid[:: max(1, len(self.kv_grid) // 16)]
+        if self.coarse_kv[-1] != self.kv_grid[-1]:
+            self.coarse_kv = np.append(self.coarse_kv, self.kv_grid[-1])
+        self.ctx_grid = np.array(CTX_LEVELS, dtype=np.int64)
+        self._ctx = self._sample(model, tp, self.coarse_batch, self.coarse_kv, self.ctx_grid)
+        n_clocks = len(self.clocks_mhz)
+        self._gen_flat = np.ascontiguousarray(self._gen.reshape(n_clocks, -1))
+        self._ctx_flat = np.ascontiguousarray(self._ctx.reshape(n_clocks, -1))
+
+    def _sample(
+        self, model: PerformanceModel, tp: int, batches: IntArray, kvs: IntArray, ctxs: IntArray
+    ) -> FloatArray:
+        grid = np.meshgrid(self.clocks_mhz, batches, kvs, ctxs, indexing="ij")
+        columns = {
+            "sm_clock_mhz": grid[0], "batch_size": np.maximum(grid[1], 1),
+            "kv_blocks": grid[2], "ctx_tokens": grid[3], "tp": np.full_like(grid[0], tp),
+        }
+        x = np.column_stack([columns[name].ravel() for name in FEATURES]).astype(np.float64)
+        ips = model.predict_ips(x).reshape(grid[0].shape)
+        # Enforce monotonicity in the clock even if a model is slightly off: never predict a
+        # higher clock to be slower than a lower one.
+        ips = np.maximum.accumulate(ips, axis=0)
+        return 1.0 / np.maximum(ips, 1e-9)
+
+    def _kv_index(self, grid: IntArray, kv: IntArray) -> IntArray:
+        return np.minimum(np.searchsorted(grid, kv, side="left"), len(grid) - 1)
+
+    def prepare(self, batch: IntArray, kv: IntArray, ctx: IntArray) -> PreparedWork:
+        """Grid positions of a projection, computed once and reused for every clock tried."""
+        b = np.minimum(batch, self.max_batch)
+        flat = b * len(self.kv_grid) + self._kv_index(self.kv_grid, kv)
+        prefill = np.nonzero(ctx)[0]
+        bi = np.minimum(np.searchsorted(self.coarse_batch, b[prefill]), len(self.coarse_batch) - 1)
+        ki = self._kv_index(self.coarse_kv, kv[prefill])
+        ci = np.minimum(np.searchsorted(self.ctx_grid, ctx[prefill]), len(self.ctx_grid) - 1)
+        ctx_flat = (bi * len(self.coarse_kv) + ki) * len(self.ctx_grid) + ci
+        return PreparedWork(flat, prefill, ctx_flat)
+
+    def seconds_prepared(self, clock_index: int, work: PreparedWork) -> FloatArray:
+        out = self._gen_flat[clock_index].take(work.flat)
+        if work.prefill.size:
+            out[work.prefill] = self._ctx_flat[clock_index].take(work.ctx_flat)
+        return out
+
+    def seconds(
+        self, clock_index: int, batch: IntArray, kv: IntArray, ctx: IntArray
+    ) -> FloatArray:
+        """Duration of each projected iteration at clocks_mhz[clock_index]."""
+        return self.seconds_prepared(clock_index, self.prepare(batch, kv, ctx))
+
+    def seconds_all_clocks(self, batch: IntArray, kv: IntArray, ctx: IntArray) -> FloatArray:
+        """The same for every clock at once: shape (clocks, iterations)."""
+        return np.stack([self.seconds(i, batch, kv, ctx) for i in range(len(self.clocks_mhz))])

@@ -1,0 +1,166 @@
+"""The performance model: engine iterations per second (IPS) from the work in flight and the clock.
+
+Inputs are the paper's (TP size, batch size, KV blocks in use, SM clock) plus the prompt tokens
+processed in the iteration, which the paper leaves out but which dominate an iteration with a
+prefill in it. The model sits behind a small Protocol; CatBoost is the one implementation.
+
+The CatBoost model learns log(IPS): errors become relative, which is what the clock choice needs
+(a 3% error matters as much at 10 IPS as at 100). It is constrained to be monotone: faster with
+the clock, slower with more batch, KV and context tokens, so a search over clocks is well posed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("sm_clock_mhz", "batch_size", "kv_blocks", "ctx_tokens", "tp")
+TARGET = "ips"
+# +1: IPS rises with the feature, -1: falls, 0: free.
+MONOTONE = (1, -1, -1, -1, 0)
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class PerformanceModel(Protocol):
+    def predict_ips(self, features: FloatArray) -> FloatArray:
+        """IPS for each row of `features` (columns in FEATURES order)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    r2: float
+    mae_ips: float
+    mape: float  # fraction, e.g. 0.03 = 3%
+    n_train: int
+    n_test: int
+
+    def to_json(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def read_dataset(paths: Sequence[Path | str]) -> tuple[FloatArray, FloatArray]:
+    """Rows of FEATURES and IPS from one or more profiling CSV files (see `write_dataset`)."""
+    xs, ys = [], []
+    for path in paths:
+        path = Path(path)
+        try:
+            with path.open() as f:
+                header = next(line for line in f if not line.startswith("#")).strip().split(",")
+        except (OSError, StopIteration) as e:
+            raise ValueError(f"{path}: not a readable profiling dataset ({e})") from e
+        missing = [c for c in (*FEATURES, TARGET) if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+        data = np.loadtxt(path, delimiter=",", comments="#", skiprows=1, ndmin=2)
+        if data.shape[0] == 0:
+            raise ValueError(f"{path}: no rows")
+        xs.append(data[:, [header.index(c) for c in FEATURES]])
+        ys.append(data[:, header.index(TARGET)])
+    return np.vstack(xs), np.concatenate(ys)
+
+
+def write_dataset(path: Path, x: FloatArray, ips: FloatArray, meta: dict[str, str]) -> None:
+    """A CSV with `# key=value` metadata lines, a header, and one row per iteration."""
+    with path.open("w") as f:
+        for key, value in meta.items():
+            f.write(f"# {key}={value}\n")
+        f.write(",".join((*FEATURES, TARGET)) + "\n")
+        np.savetxt(f, np.column_stack([x, ips]), delimiter=",", fmt="%.6g")
+
+
+def evaluate(model: PerformanceModel, x: FloatArray, y: FloatArray, n_train: int) -> ModelReport:
+    pred = model.predict_ips(x)
+    residual = y - pred
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual**2).sum()) / ss_tot if ss_tot > 0 else 0.0
+    return ModelReport(
+        r2=r2,
+        mae_ips=float(np.abs(residual).mean()),
+        mape=float((np.abs(residual) / y).mean()),
+        n_train=n_train,
+        n_test=int(y.shape[0]),
+    )
+
+
+class CatBoostPerformanceModel:
+    """Gradient-boosted trees over log(IPS); save/load as CatBoost's .cbm plus a JSON sidecar."""
+
+    def __init__(self, booster: object, meta: dict[str, object] | None = None) -> None:
+        self._booster = booster
+        self.meta = meta or {}
+
+    @classmethod
+    def fit(
+        cls, x: FloatArray, ips: FloatArray, *, iterations: int = 1500, depth: int = 8,
+        seed: int = 0, threads: int = -1,
+    ) -> CatBoostPerformanceModel:
+        from catboost import CatBoostRegressor
+
+        if np.any(ips <= 0):
+            raise ValueError("IPS must be positive in every row")
+        booster = CatBoostRegressor(
+            iterations=iterations, depth=depth, learning_rate=0.08, loss_function="RMSE",
+            monotone_constraints=list(MONOTONE), random_seed=seed, thread_count=threads,
+            verbose=False, allow_writing_files=False,
+        )
+        booster.fit(x, np.log(ips))
+        return cls(booster, {"features": list(FEATURES), "target": "log_ips"})
+
+    def predict_ips(self, features: FloatArray) -> FloatArray:
+        raw = self._booster.predict(np.asarray(features, dtype=np.float64))  # type: ignore[attr-defined]
+        return np.exp(np.asarray(raw, dtype=np.float64))
+
+    def save(self, path: Path) -> None:
+        self._booster.save_model(str(path), format="cbm")  # type: ignore[attr-defined]
+        Path(f"{path}.json").write_text(json.dumps(self.meta, indent=2))
+
+    @classmethod
+    def load(cls, path: Path | str) -> CatBoostPerformanceModel:
+        from catboost import CatBoostRegressor
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"performance model {path} does not exist")
+        booster = CatBoostRegressor()
+        booster.load_model(str(path), format="cbm")
+        sidecar = Path(f"{path}.json")
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        return cls(booster, meta)
+
+
+def split(
+    x: FloatArray, y: FloatArray, test_fraction: float, seed: int
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    n_test = max(1, int(round(x.shape[0] * test_fraction)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def plot_predicted_vs_measured(y: FloatArray, pred: FloatArray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(y, pred, s=3, alpha=0.4)
+    lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1)
+    ax.set_xlabel("measured IPS")
+    ax.set_ylabel("predicted IPS")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

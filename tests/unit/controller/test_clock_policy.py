@@ -1,0 +1,152 @@
+"""Clock choice over a projection, with an analytic performance model standing in for CatBoost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from throttllem.controller.clock_policy import (
+    ClockChoice,
+    ClockGovernor,
+    GovernorConfig,
+    RequestDeadlines,
+    choose_clock,
+)
+from throttllem.controller.ips_table import IpsTable
+from throttllem.controller.perf_model import FEATURES
+from throttllem.controller.projection import (
+    EngineLimits,
+    QueuedRequests,
+    RunningRequests,
+    project,
+)
+
+CLOCKS = list(range(1410, 209, -15))
+COL = {name: i for i, name in enumerate(FEATURES)}
+
+
+class AnalyticModel:
+    """Iteration time = memory part (clock-free) + compute part (1/f) + prefill: like decode."""
+
+    def predict_ips(self, x: np.ndarray) -> np.ndarray:
+        f = x[:, COL["sm_clock_mhz"]]
+        ms = 8.0 + 0.02 * x[:, COL["kv_blocks"]] / 64 + (
+            2.0 + 0.05 * x[:, COL["batch_size"]] + 0.01 * x[:, COL["ctx_tokens"]]
+        ) * (1410.0 / f)
+        return 1000.0 / ms
+
+
+LIMITS = EngineLimits(max_batch_size=64, kv_capacity_blocks=2000, tokens_per_block=64)
+TABLE = IpsTable(AnalyticModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000)
+
+
+def _scenario(e2e_s: float, n: int = 16, remaining: int = 100, tbt_s: float = np.inf,
+              queued: int = 0, ttft_s: float = np.inf):
+    running = RunningRequests(
+        np.full(n, 600, np.int64), np.full(n, remaining, np.int64), np.full(n, 20, np.int64)
+    )
+    q = QueuedRequests(
+        np.full(queued, 500, np.int64), np.full(queued, 50, np.int64), np.full(queued, 10, np.int64)
+    )
+    proj = project(running, q, LIMITS)
+    dl = RequestDeadlines(
+        running_ids=tuple(f"r{i}" for i in range(n)),
+        running_e2e_deadline_s=np.full(n, e2e_s),
+        running_tbt_target_s=np.full(n, tbt_s),
+        running_first_token_s=np.zeros(n),
+        running_generated=np.full(n, 10, np.int64),
+        queued_ids=tuple(f"q{i}" for i in range(queued)),
+        queued_ttft_deadline_s=np.full(queued, ttft_s),
+        queued_e2e_deadline_s=np.full(queued, np.inf),
+        queued_tbt_target_s=np.full(queued, np.inf),
+    )
+    return proj, dl
+
+
+def _time_to_finish(clock: int, proj) -> float:
+    x = np.column_stack([
+        np.full(proj.horizon, clock), np.maximum(proj.batch, 1), proj.kv_blocks,
+        proj.ctx_tokens, np.ones(proj.horizon),
+    ]).astype(float)
+    busy = proj.batch > 0
+    return float((1.0 / AnalyticModel().predict_ips(x))[busy].sum())
+
+
+def test_loose_deadlines_choose_the_lowest_clock() -> None:
+    proj, dl = _scenario(e2e_s=1000.0)
+    choice = choose_clock(0.0, proj, dl, TABLE)
+    assert choice.clock_mhz == 210
+    assert choice.min_slack_s > 0 and not choice.lost_requests
+
+
+def test_the_choice_is_the_lowest_clock_that_meets_the_deadline() -> None:
+    proj, dl = _scenario(e2e_s=1.5)
+    choice = choose_clock(0.0, proj, dl, TABLE)
+    assert 210 < choice.clock_mhz < 1410
+    # Feasible at the chosen clock, infeasible one step lower (by the model itself, no table).
+    assert _time_to_finish(choice.clock_mhz, proj) <= 1.5 + 1e-9
+    assert _time_to_finish(choice.clock_mhz - 15, proj) > 1.5
+
+
+def test_a_tighter_deadline_needs_a_higher_clock() -> None:
+    loose = choose_clock(0.0, *_scenario(e2e_s=1.8), TABLE)
+    tight = choose_clock(0.0, *_scenario(e2e_s=1.3), TABLE)
+    assert tight.clock_mhz > loose.clock_mhz
+
+
+def test_a_lost_request_sends_the_clock_to_maximum_and_is_named() -> None:
+    choice = choose_clock(0.0, *_scenario(e2e_s=0.1), TABLE)
+    assert choice.clock_mhz == 1410
+    assert choice.min_slack_s < 0
+    assert set(choice.lost_requests) == {f"r{i}" for i in range(16)}
+    assert choice.reason.startswith("max:")
+
+
+def test_tbt_target_binds_like_a_deadline() -> None:
+    # 110 tokens, first token at t=0: a mean TBT of 13 ms allows 109 gaps x 13 ms = 1.42 s.
+    free = choose_clock(0.0, *_scenario(e2e_s=1000.0), TABLE)
+    bound = choose_clock(0.0, *_scenario(e2e_s=1000.0, tbt_s=0.013), TABLE)
+    assert bound.clock_mhz > free.clock_mhz
+
+
+def test_queued_ttft_binds() -> None:
+    proj, dl = _scenario(e2e_s=1000.0, n=64, remaining=30, queued=2, ttft_s=0.33)
+    choice = choose_clock(0.0, proj, dl, TABLE)
+    assert choice.clock_mhz > 210
+    assert choice.tightest_request in {"q0", "q1"}
+
+
+def test_margin_raises_the_clock() -> None:
+    plain = choose_clock(0.0, *_scenario(e2e_s=2.0), TABLE)
+    margin = choose_clock(0.0, *_scenario(e2e_s=2.0), TABLE, margin_s=0.4)
+    assert margin.clock_mhz > plain.clock_mhz
+
+
+def test_table_is_conservative_against_the_model() -> None:
+    proj, _ = _scenario(e2e_s=1.0)
+    for index in (0, 40, 80):
+        table_s = TABLE.seconds(index, proj.batch, proj.kv_blocks, proj.ctx_tokens).sum()
+        assert table_s >= _time_to_finish(int(TABLE.clocks_mhz[index]), proj) * 0.999
+
+
+def _choice(mhz: int) -> ClockChoice:
+    return ClockChoice(mhz, "test", 1.0, None, 10.0)
+
+
+def test_governor_skips_unchanged_and_rate_limits_lowering_but_not_raising() -> None:
+    gov = ClockGovernor(GovernorConfig(min_interval_s=1.0, hysteresis_mhz=30))
+    assert gov.apply(0.0, _choice(1200)) == 1200
+    assert gov.apply(0.1, _choice(1200)) is None  # unchanged
+    assert gov.apply(0.2, _choice(900)) is None  # lowering too soon
+    assert gov.apply(0.3, _choice(1410)) == 1410  # raising: at once
+    assert gov.apply(1.5, _choice(1395)) is None  # within hysteresis
+    assert gov.apply(1.6, _choice(900)) == 900
+    assert gov.changes == 3
+    gov.forget()
+    assert gov.apply(1.7, _choice(900)) == 900
+
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_idle_or_busy_choices_are_reasoned(n: int) -> None:
+    proj, dl = _scenario(e2e_s=1000.0, n=n)
+    assert "SLO" in choose_clock(0.0, proj, dl, TABLE).reason
