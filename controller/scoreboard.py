@@ -1,0 +1,179 @@
+"""The scoreboard: every request in flight on one engine instance, and what is expected of it.
+
+Fed by events (arrived, first token, iteration, finished) or rebuilt from a snapshot; read as
+the arrays the projection and the clock policy take. Tokens generated are counted from
+iteration events (one per generating request per iteration) and corrected by snapshots and
+by the exact count a finished event carries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .clock_policy import RequestDeadlines
+from .events import Arrived, Finish, Finished, FirstToken, InFlight, Iteration, Slo
+from .length_predictor import LengthPredictor
+from .projection import QueuedRequests, RunningRequests
+
+INF = math.inf
+
+
+@dataclass
+class TrackedRequest:
+    request_id: int
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    slo: Slo
+    length_hint: int | None
+    predicted_at_arrival: int
+    generated: int = 0
+    first_token_s: float | None = None
+
+
+@dataclass(frozen=True)
+class SloOutcome:
+    """How a finished request fared against its SLOs."""
+
+    request_id: int
+    ttft_s: float | None
+    mean_tbt_s: float | None
+    e2e_s: float
+    met: bool
+
+
+@dataclass(frozen=True)
+class DecisionInputs:
+    running: RunningRequests
+    queued: QueuedRequests
+    deadlines: RequestDeadlines
+
+
+class Scoreboard:
+    def __init__(
+        self, predictor: LengthPredictor, default_slo: Slo, tokens_per_block: int
+    ) -> None:
+        self.predictor = predictor
+        self.default_slo = default_slo
+        self.tokens_per_block = tokens_per_block
+        self.requests: dict[int, TrackedRequest] = {}
+        self.outcomes_met = 0
+        self.outcomes_total = 0
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def on_arrived(self, ev: Arrived) -> None:
+        predicted = self.predictor.predict(ev.prompt_tokens, ev.max_tokens, 0, ev.length_hint)
+        self.requests[ev.request_id] = TrackedRequest(
+            ev.request_id, ev.time_s, ev.prompt_tokens, ev.max_tokens,
+            self.default_slo.overridden_by(ev.slo), ev.length_hint, predicted,
+        )
+
+    def on_first_token(self, ev: FirstToken) -> None:
+        req = self.requests.get(ev.request_id)
+        if req is not None and req.first_token_s is None:
+            req.first_token_s = ev.time_s
+            req.generated = max(req.generated, ev.tokens)
+
+    def on_iteration(self, ev: Iteration) -> None:
+        for req in self.requests.values():
+            if req.first_token_s is not None and req.first_token_s < ev.time_s:
+                req.generated = min(req.generated + 1, req.max_tokens)
+
+    def on_finished(self, ev: Finished) -> SloOutcome | None:
+        req = self.requests.pop(ev.request_id, None)
+        if req is None:
+            return None
+        if ev.reason in (Finish.END_ID, Finish.LENGTH, Finish.STOP_WORDS):
+            self.predictor.observe(req.prompt_tokens, ev.output_tokens, req.predicted_at_arrival)
+        if ev.reason in (Finish.CANCELLED, Finish.ERROR):
+            return None
+        outcome = self._outcome(req, ev)
+        self.outcomes_total += 1
+        self.outcomes_met += outcome.met
+        return outcome
+
+    def _outcome(self, req: TrackedRequest, ev: Finished) -> SloOutcome:
+        e2e = ev.time_s - req.arrival_s
+        ttft = None if req.first_token_s is None else req.first_token_s - req.arrival_s
+        tbt = None
+        if req.first_token_s is not None and ev.output_tokens > 1:
+            tbt = (ev.time_s - req.first_token_s) / (ev.output_tokens - 1)
+        slo = req.slo
+        met = (
+            (slo.e2e_s is None or e2e <= slo.e2e_s)
+            and (slo.ttft_s is None or ttft is None or ttft <= slo.ttft_s)
+            and (slo.tbt_s is None or tbt is None or tbt <= slo.tbt_s)
+        )
+        return SloOutcome(req.request_id, ttft, tbt, e2e, met)
+
+    def rebuild(self, snapshot: list[InFlight]) -> None:
+        """Replace everything with a snapshot's view (after connecting or a gap)."""
+        old = self.requests
+        self.requests = {}
+        for r in snapshot:
+            previous = old.get(r.request_id)
+            predicted = (
+                previous.predicted_at_arrival if previous
+                else self.predictor.predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint)
+            )
+            self.requests[r.request_id] = TrackedRequest(
+                r.request_id, r.arrival_s, r.prompt_tokens, r.max_tokens,
+                self.default_slo.overridden_by(r.slo), r.length_hint, predicted,
+                generated=r.output_tokens, first_token_s=r.first_token_s,
+            )
+
+    def attainment(self) -> float:
+        return self.outcomes_met / self.outcomes_total if self.outcomes_total else 1.0
+
+    def decision_inputs(self) -> DecisionInputs:
+        """The arrays the projection and the clock policy read, requests in arrival order."""
+        ordered = sorted(self.requests.values(), key=lambda r: (r.arrival_s, r.request_id))
+        run = [r for r in ordered if r.first_token_s is not None]
+        wait = [r for r in ordered if r.first_token_s is None]
+        tpb = self.tokens_per_block
+
+        def ints(values: list[int]) -> np.ndarray:
+            return np.array(values, dtype=np.int64)
+
+        def deadline(reqs: list[TrackedRequest], attr: str, base: str | None) -> np.ndarray:
+            out = []
+            for r in reqs:
+                target = getattr(r.slo, attr)
+                if target is None:
+                    out.append(INF)
+                else:
+                    out.append(target + (getattr(r, base) if base else 0.0))
+            return np.array(out, dtype=np.float64)
+
+        remaining = [
+            max(self.predictor.predict(r.prompt_tokens, r.max_tokens, r.generated, r.length_hint)
+                - r.generated, 1)
+            for r in run
+        ]
+        running = RunningRequests(
+            ints([r.prompt_tokens + r.generated for r in run]), ints(remaining),
+            ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in run]),
+        )
+        queued = QueuedRequests(
+            ints([r.prompt_tokens for r in wait]),
+            ints([self.predictor.predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint)
+                  for r in wait]),
+            ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
+        )
+        deadlines = RequestDeadlines(
+            running_ids=tuple(str(r.request_id) for r in run),
+            running_e2e_deadline_s=deadline(run, "e2e_s", "arrival_s"),
+            running_tbt_target_s=deadline(run, "tbt_s", None),
+            running_first_token_s=np.array([r.first_token_s for r in run], dtype=np.float64),
+            running_generated=ints([r.generated for r in run]),
+            queued_ids=tuple(str(r.request_id) for r in wait),
+            queued_ttft_deadline_s=deadline(wait, "ttft_s", "arrival_s"),
+            queued_e2e_deadline_s=deadline(wait, "e2e_s", "arrival_s"),
+            queued_tbt_target_s=deadline(wait, "tbt_s", None),
+        )
+        return DecisionInputs(running, queued, deadlines)

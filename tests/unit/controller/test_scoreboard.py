@@ -1,0 +1,100 @@
+"""Scoreboard: event bookkeeping, snapshot rebuild, SLO outcomes and the arrays it hands on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from throttllem.controller.events import Arrived, Finish, Finished, FirstToken, InFlight, Iteration
+from throttllem.controller.events import Slo
+from throttllem.controller.length_predictor import LengthPredictor
+from throttllem.controller.scoreboard import Scoreboard
+
+DEFAULT = Slo(ttft_s=1.0, tbt_s=0.2, e2e_s=30.0)
+
+
+def _board() -> Scoreboard:
+    return Scoreboard(LengthPredictor(quantile=0.5), DEFAULT, tokens_per_block=64)
+
+
+def _iteration(t: float, n: int = 0) -> Iteration:
+    return Iteration(n, t, 0.01, 1, 0, 0, 1, 0, 1, 100, 64)
+
+
+def test_lifecycle_counts_tokens_and_splits_running_from_queued() -> None:
+    sb = _board()
+    sb.on_arrived(Arrived(1, 0.0, prompt_tokens=100, max_tokens=500))
+    sb.on_arrived(Arrived(2, 0.5, prompt_tokens=50, max_tokens=20, slo=Slo(e2e_s=5.0)))
+    sb.on_first_token(FirstToken(1, 0.2))
+    for k in range(1, 4):
+        sb.on_iteration(_iteration(0.2 + 0.01 * k, k))
+    inputs = sb.decision_inputs()
+    assert inputs.deadlines.running_ids == ("1",)
+    assert inputs.deadlines.queued_ids == ("2",)
+    assert inputs.running.context_tokens.tolist() == [100 + 4]
+    assert inputs.deadlines.running_e2e_deadline_s.tolist() == [30.0]
+    # Per-request override of the deployment default, relative to arrival.
+    assert inputs.deadlines.queued_e2e_deadline_s.tolist() == [5.5]
+    assert inputs.deadlines.queued_ttft_deadline_s.tolist() == [1.5]
+    # Reservation for GUARANTEED_NO_EVICT: ceil((100 + 500) / 64) blocks.
+    assert inputs.running.reserved_blocks.tolist() == [10]
+    # The prior median (129) bounded by max_tokens for request 2.
+    assert inputs.queued.output_tokens.tolist() == [20]
+
+
+def test_finished_request_reports_its_slo_outcome_and_trains_the_predictor() -> None:
+    sb = _board()
+    sb.on_arrived(Arrived(7, 0.0, 100, 500))
+    sb.on_first_token(FirstToken(7, 0.5))
+    outcome = sb.on_finished(Finished(7, 20.5, output_tokens=101, reason=Finish.END_ID))
+    assert outcome is not None
+    assert outcome.ttft_s == 0.5 and outcome.e2e_s == 20.5
+    assert outcome.mean_tbt_s == pytest.approx(0.2)
+    assert outcome.met
+    assert len(sb) == 0 and sb.attainment() == 1.0
+    assert sb.predictor.error().count == 1
+
+
+def test_a_late_request_counts_against_attainment() -> None:
+    sb = _board()
+    sb.on_arrived(Arrived(1, 0.0, 100, 500))
+    sb.on_first_token(FirstToken(1, 2.0))  # TTFT 2 s > 1 s
+    outcome = sb.on_finished(Finished(1, 3.0, 5, Finish.END_ID))
+    assert outcome is not None and not outcome.met
+    assert sb.attainment() == 0.0
+
+
+def test_cancelled_requests_neither_train_nor_count() -> None:
+    sb = _board()
+    sb.on_arrived(Arrived(1, 0.0, 100, 500))
+    assert sb.on_finished(Finished(1, 1.0, 3, Finish.CANCELLED)) is None
+    assert sb.outcomes_total == 0 and sb.predictor.error().count == 0
+
+
+def test_unknown_requests_are_ignored() -> None:
+    sb = _board()
+    sb.on_first_token(FirstToken(99, 1.0))
+    assert sb.on_finished(Finished(99, 2.0, 1, Finish.END_ID)) is None
+    assert len(sb) == 0
+
+
+def test_rebuild_from_snapshot_replaces_state() -> None:
+    sb = _board()
+    sb.on_arrived(Arrived(1, 0.0, 100, 500))
+    sb.rebuild([
+        InFlight(2, 1.0, 300, 400, output_tokens=50, first_token_s=1.5),
+        InFlight(3, 2.0, 30, 40, output_tokens=0, first_token_s=None, slo=Slo(ttft_s=0.1)),
+    ])
+    inputs = sb.decision_inputs()
+    assert inputs.deadlines.running_ids == ("2",)
+    assert inputs.running.context_tokens.tolist() == [350]
+    assert inputs.deadlines.running_generated.tolist() == [50]
+    assert inputs.deadlines.queued_ttft_deadline_s.tolist() == [pytest.approx(2.1)]
+
+
+def test_no_slo_means_infinite_deadlines() -> None:
+    sb = Scoreboard(LengthPredictor(), Slo(), tokens_per_block=64)
+    sb.on_arrived(Arrived(1, 0.0, 10, 10))
+    d = sb.decision_inputs().deadlines
+    assert all(math.isinf(v) for v in d.queued_e2e_deadline_s.tolist())
