@@ -1,0 +1,124 @@
+"""One engine instance's controller: observe events -> decide -> actuate, with every decision kept.
+
+Time is given, never read: the same object runs beside a real GPU, beside the twin in real time,
+and inside a virtual-time simulation. Decisions happen on request arrival, on request end, and at
+a fixed period in between (the projection drifts as requests progress).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .clock_policy import ClockGovernor, GovernorConfig, choose_clock
+from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
+from .ips_table import IpsTable
+from .projection import EngineLimits, project
+from .scoreboard import Scoreboard, SloOutcome
+
+log = logging.getLogger(__name__)
+
+
+class ClockActuator(Protocol):
+    def set_clock_mhz(self, mhz: int) -> None:
+        """Lock every GPU of the instance at this SM clock."""
+        ...
+
+
+@dataclass
+class ControllerConfig:
+    decision_period_s: float = 0.1
+    margin_s: float = 0.0  # slack every request must keep beyond its deadline
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+    keep_decisions: int = 10_000
+
+
+@dataclass(frozen=True)
+class Decision:
+    time_s: float
+    chosen_mhz: int
+    applied_mhz: int | None  # None: nothing sent to the GPU (unchanged, rate-limited)
+    reason: str
+    min_slack_s: float
+    tightest_request: str | None
+    predicted_ips: float
+    lost_requests: int
+    running: int
+    queued: int
+    trigger: str
+
+
+class InstanceController:
+    def __init__(
+        self,
+        scoreboard: Scoreboard,
+        table: IpsTable,
+        limits: EngineLimits,
+        actuator: ClockActuator,
+        config: ControllerConfig | None = None,
+    ) -> None:
+        self.scoreboard = scoreboard
+        self.table = table
+        self.limits = limits
+        self.actuator = actuator
+        self.config = config or ControllerConfig()
+        self.governor = ClockGovernor(self.config.governor)
+        self.decisions: deque[Decision] = deque(maxlen=self.config.keep_decisions)
+        self.outcomes: list[SloOutcome] = []
+        self.last_iteration: Iteration | None = None
+        self._due: str | None = "start"
+        self._last_decision_s = float("-inf")
+
+    def observe(self, ev: Event) -> None:
+        if isinstance(ev, Arrived):
+            self.scoreboard.on_arrived(ev)
+            self._due = "arrival"
+        elif isinstance(ev, FirstToken):
+            self.scoreboard.on_first_token(ev)
+        elif isinstance(ev, Iteration):
+            self.scoreboard.on_iteration(ev)
+            self.last_iteration = ev
+        elif isinstance(ev, Finished):
+            outcome = self.scoreboard.on_finished(ev)
+            if outcome is not None:
+                self.outcomes.append(outcome)
+            self._due = "finish"
+
+    def rebuild(self, snapshot: list[InFlight]) -> None:
+        self.scoreboard.rebuild(snapshot)
+        self.governor.forget()
+        self._due = "snapshot"
+
+    def maybe_decide(self, now_s: float) -> Decision | None:
+        trigger = self._due
+        if trigger is None and now_s - self._last_decision_s >= self.config.decision_period_s:
+            trigger = "period"
+        if trigger is None:
+            return None
+        return self.decide(now_s, trigger)
+
+    def decide(self, now_s: float, trigger: str = "call") -> Decision:
+        inputs = self.scoreboard.decision_inputs()
+        proj = project(inputs.running, inputs.queued, self.limits)
+        choice = choose_clock(
+            now_s, proj, inputs.deadlines, self.table, margin_s=self.config.margin_s
+        )
+        applied = self.governor.apply(now_s, choice)
+        if applied is not None:
+            self.actuator.set_clock_mhz(applied)
+        decision = Decision(
+            time_s=now_s, chosen_mhz=choice.clock_mhz, applied_mhz=applied,
+            reason=choice.reason, min_slack_s=choice.min_slack_s,
+            tightest_request=choice.tightest_request, predicted_ips=choice.predicted_ips,
+            lost_requests=len(choice.lost_requests),
+            running=len(inputs.deadlines.running_ids), queued=len(inputs.deadlines.queued_ids),
+            trigger=trigger,
+        )
+        self.decisions.append(decision)
+        self._due = None
+        self._last_decision_s = now_s
+        if applied is not None:
+            log.debug("clock -> %d MHz (%s)", applied, choice.reason)
+        return decision
