@@ -45,7 +45,9 @@ def add_parser(sub: Any) -> None:
         "calibrate", help="compare the twin with published measurements; non-zero on a miss"
     )
     cal.add_argument(
-        "--data", type=Path, default=None,
+        "--data",
+        type=Path,
+        default=None,
         help="calibration data folder (default: ../shared/data/calibration when it exists)",
     )
     cal.add_argument("--json", action="store_true", help="print one JSON object")
@@ -103,15 +105,22 @@ def _run(args: argparse.Namespace) -> int:
     from throttllem.backend.twin.experiments import run_fixed_batch
 
     result = run_fixed_batch(
-        gpu=catalog.gpu(args.gpu), model=catalog.model(args.model), tp=args.tp,
-        clock_mhz=args.clock_mhz, batch=args.batch, prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens, seed=args.seed,
+        gpu=catalog.gpu(args.gpu),
+        model=catalog.model(args.model),
+        tp=args.tp,
+        clock_mhz=args.clock_mhz,
+        batch=args.batch,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        seed=args.seed,
     )
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
-    print(f"{args.batch} x ({args.prompt_tokens} prompt + {args.output_tokens} output) tokens, "
-          f"{args.model} TP{args.tp} on {args.gpu} locked at {args.clock_mhz} MHz")
+    print(
+        f"{args.batch} x ({args.prompt_tokens} prompt + {args.output_tokens} output) tokens, "
+        f"{args.model} TP{args.tp} on {args.gpu} locked at {args.clock_mhz} MHz"
+    )
     print(f"  iterations/s      {result.ips:10.2f}   ({result.iterations} iterations)")
     print(f"  tokens/s          {result.tokens_per_s:10.1f}")
     print(f"  mean power        {result.avg_power_w:10.1f} W (per engine, all GPUs)")
@@ -125,8 +134,10 @@ def _run(args: argparse.Namespace) -> int:
 def _clocks(args: argparse.Namespace) -> int:
     gpu = default_catalog().gpu(args.gpu)
     clocks = gpu.supported_clocks_mhz()
-    print(f"{gpu.name}: {len(clocks)} SM clocks, {clocks[0]}..{clocks[-1]} MHz "
-          f"in steps of {gpu.clock_step_mhz} MHz")
+    print(
+        f"{gpu.name}: {len(clocks)} SM clocks, {clocks[0]}..{clocks[-1]} MHz "
+        f"in steps of {gpu.clock_step_mhz} MHz"
+    )
     print(" ".join(map(str, clocks)))
     return 0
 

@@ -74,8 +74,10 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
         last = proj.running_last_iter + 1
         zero = np.zeros_like(last)
         gaps = np.maximum(dl.running_generated + proj.running_last_iter, 1)
-        bases += [dl.running_e2e_deadline_s - now_s,
-                  dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s]
+        bases += [
+            dl.running_e2e_deadline_s - now_s,
+            dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
+        ]
         ends += [last, last]
         starts += [zero, zero]
         ids += list(dl.running_ids) * 2
@@ -90,8 +92,11 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
         ttft = np.where(beyond_first, -np.inf, dl.queued_ttft_deadline_s - now_s)
         e2e = np.where(beyond_last, -np.inf, dl.queued_e2e_deadline_s - now_s)
         tbt = np.where(beyond_last, -np.inf, dl.queued_tbt_target_s * gaps)
-        for targets, base in ((dl.queued_ttft_deadline_s, ttft), (dl.queued_e2e_deadline_s, e2e),
-                              (dl.queued_tbt_target_s, tbt)):
+        for targets, base in (
+            (dl.queued_ttft_deadline_s, ttft),
+            (dl.queued_e2e_deadline_s, e2e),
+            (dl.queued_tbt_target_s, tbt),
+        ):
             bases.append(np.where(np.isinf(targets), np.inf, base))
         ends += [first, last, last]
         starts += [zero, zero, first]
@@ -100,14 +105,21 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
         empty = np.zeros(0, dtype=np.int64)
         return _Constraints(np.zeros(0), empty, empty, ())
     return _Constraints(
-        np.concatenate(bases).astype(np.float64), np.concatenate(ends).astype(np.int64),
-        np.concatenate(starts).astype(np.int64), tuple(ids),
+        np.concatenate(bases).astype(np.float64),
+        np.concatenate(ends).astype(np.int64),
+        np.concatenate(starts).astype(np.int64),
+        tuple(ids),
     )
 
 
 def _check(
-    proj: Projection, table: IpsTable, clock_index: int, margin_s: float, work: PreparedWork,
-    cons: _Constraints, name_losses: bool = False,
+    proj: Projection,
+    table: IpsTable,
+    clock_index: int,
+    margin_s: float,
+    work: PreparedWork,
+    cons: _Constraints,
+    name_losses: bool = False,
 ) -> _Check:
     if proj.horizon == 0 or not cons.ids:
         return _Check(float("inf"), None, (), 0.0)
@@ -124,8 +136,12 @@ def _check(
 
 
 def choose_clock(
-    now_s: float, proj: Projection, deadlines: RequestDeadlines, table: IpsTable,
-    *, margin_s: float = 0.0,
+    now_s: float,
+    proj: Projection,
+    deadlines: RequestDeadlines,
+    table: IpsTable,
+    *,
+    margin_s: float = 0.0,
 ) -> ClockChoice:
     """The lowest supported clock meeting every SLO; the maximum when some request is lost."""
     clocks = table.clocks_mhz
@@ -137,7 +153,9 @@ def choose_clock(
         return ClockChoice(
             int(clocks[top]),
             f"max: {len(at_max.negative)} request(s) miss an SLO even at max clock",
-            at_max.min_slack_s, at_max.tightest, 1.0 / max(at_max.first_iteration_s, 1e-9),
+            at_max.min_slack_s,
+            at_max.tightest,
+            1.0 / max(at_max.first_iteration_s, 1e-9),
             at_max.negative,
         )
     lo, hi, best = 0, top, at_max
@@ -153,7 +171,10 @@ def choose_clock(
     else:
         reason = f"lowest clock meeting every SLO; tightest {best.tightest}"
     return ClockChoice(
-        int(clocks[lo]), reason, best.min_slack_s, best.tightest,
+        int(clocks[lo]),
+        reason,
+        best.min_slack_s,
+        best.tightest,
         1.0 / max(best.first_iteration_s, 1e-9) if proj.horizon else 0.0,
     )
 

@@ -109,11 +109,16 @@ class InstanceController:
         if applied is not None:
             self.actuator.set_clock_mhz(applied)
         decision = Decision(
-            time_s=now_s, chosen_mhz=choice.clock_mhz, applied_mhz=applied,
-            reason=choice.reason, min_slack_s=choice.min_slack_s,
-            tightest_request=choice.tightest_request, predicted_ips=choice.predicted_ips,
+            time_s=now_s,
+            chosen_mhz=choice.clock_mhz,
+            applied_mhz=applied,
+            reason=choice.reason,
+            min_slack_s=choice.min_slack_s,
+            tightest_request=choice.tightest_request,
+            predicted_ips=choice.predicted_ips,
             lost_requests=len(choice.lost_requests),
-            running=len(inputs.deadlines.running_ids), queued=len(inputs.deadlines.queued_ids),
+            running=len(inputs.deadlines.running_ids),
+            queued=len(inputs.deadlines.queued_ids),
             trigger=trigger,
         )
         self.decisions.append(decision)

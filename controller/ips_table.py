@@ -69,8 +69,11 @@ class IpsTable:
     ) -> FloatArray:
         grid = np.meshgrid(self.clocks_mhz, batches, kvs, ctxs, indexing="ij")
         columns = {
-            "sm_clock_mhz": grid[0], "batch_size": np.maximum(grid[1], 1),
-            "kv_blocks": grid[2], "ctx_tokens": grid[3], "tp": np.full_like(grid[0], tp),
+            "sm_clock_mhz": grid[0],
+            "batch_size": np.maximum(grid[1], 1),
+            "kv_blocks": grid[2],
+            "ctx_tokens": grid[3],
+            "tp": np.full_like(grid[0], tp),
         }
         x = np.column_stack([columns[name].ravel() for name in FEATURES]).astype(np.float64)
         ips = model.predict_ips(x).reshape(grid[0].shape)
@@ -94,14 +97,12 @@ class IpsTable:
         return PreparedWork(flat, prefill, ctx_flat)
 
     def seconds_prepared(self, clock_index: int, work: PreparedWork) -> FloatArray:
-        out = self._gen_flat[clock_index].take(work.flat)
+        out: FloatArray = self._gen_flat[clock_index].take(work.flat)
         if work.prefill.size:
             out[work.prefill] = self._ctx_flat[clock_index].take(work.ctx_flat)
         return out
 
-    def seconds(
-        self, clock_index: int, batch: IntArray, kv: IntArray, ctx: IntArray
-    ) -> FloatArray:
+    def seconds(self, clock_index: int, batch: IntArray, kv: IntArray, ctx: IntArray) -> FloatArray:
         """Duration of each projected iteration at clocks_mhz[clock_index]."""
         return self.seconds_prepared(clock_index, self.prepare(batch, kv, ctx))
 

@@ -78,7 +78,7 @@ class LengthPredictor:
     def _prior(self, generated: int) -> int:
         z = NormalDist().inv_cdf(self.quantile)
         value = PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * z)
-        return int(math.ceil(max(value, generated + 1)))
+        return math.ceil(max(value, generated + 1))
 
     def observe(self, prompt_tokens: int, output_tokens: int, predicted_at_arrival: int) -> None:
         """Learn from a finished request (not from cancelled ones: their length is unknown)."""

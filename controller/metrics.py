@@ -18,37 +18,65 @@ class ControllerMetrics:
 
     def __post_init__(self) -> None:
         r, lab = self.registry, ["instance"]
-        self.clock_mhz = Gauge("throttllem_clock_mhz", "SM clock the controller chose", lab,
-                               registry=r)
-        self.predicted_ips = Gauge("throttllem_predicted_ips",
-                                   "Predicted iterations per second at the chosen clock", lab,
-                                   registry=r)
-        self.observed_ips = Gauge("throttllem_observed_ips",
-                                  "Iterations per second the engine last reported", lab,
-                                  registry=r)
-        self.min_slack = Gauge("throttllem_min_slack_seconds",
-                               "Projected slack of the tightest request at the chosen clock", lab,
-                               registry=r)
-        self.attainment = Gauge("throttllem_slo_attainment",
-                                "Share of finished requests that met every SLO", lab, registry=r)
-        self.in_flight = Gauge("throttllem_requests_running", "Requests generating", lab,
-                               registry=r)
-        self.queued = Gauge("throttllem_requests_waiting", "Requests without a first token yet",
-                            lab, registry=r)
-        self.energy = Gauge("throttllem_energy_joules",
-                            "GPU energy since the controller started", lab, registry=r)
-        self.tokens_per_joule = Gauge("throttllem_tokens_per_joule",
-                                      "Generated tokens per joule since the controller started",
-                                      lab, registry=r)
-        self.clock_changes = Counter("throttllem_clock_changes", "Clock changes sent to the GPU",
-                                     lab, registry=r)
-        self.decisions = Counter("throttllem_decisions", "Clock decisions taken", lab + ["trigger"],
-                                 registry=r)
-        self.lost = Counter("throttllem_lost_request_decisions",
-                            "Decisions that went to max clock because a request was lost", lab,
-                            registry=r)
+        self.clock_mhz = Gauge(
+            "throttllem_clock_mhz", "SM clock the controller chose", lab, registry=r
+        )
+        self.predicted_ips = Gauge(
+            "throttllem_predicted_ips",
+            "Predicted iterations per second at the chosen clock",
+            lab,
+            registry=r,
+        )
+        self.observed_ips = Gauge(
+            "throttllem_observed_ips",
+            "Iterations per second the engine last reported",
+            lab,
+            registry=r,
+        )
+        self.min_slack = Gauge(
+            "throttllem_min_slack_seconds",
+            "Projected slack of the tightest request at the chosen clock",
+            lab,
+            registry=r,
+        )
+        self.attainment = Gauge(
+            "throttllem_slo_attainment",
+            "Share of finished requests that met every SLO",
+            lab,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "throttllem_requests_running", "Requests generating", lab, registry=r
+        )
+        self.queued = Gauge(
+            "throttllem_requests_waiting", "Requests without a first token yet", lab, registry=r
+        )
+        self.energy = Gauge(
+            "throttllem_energy_joules", "GPU energy since the controller started", lab, registry=r
+        )
+        self.tokens_per_joule = Gauge(
+            "throttllem_tokens_per_joule",
+            "Generated tokens per joule since the controller started",
+            lab,
+            registry=r,
+        )
+        self.clock_changes = Counter(
+            "throttllem_clock_changes", "Clock changes sent to the GPU", lab, registry=r
+        )
+        self.decisions = Counter(
+            "throttllem_decisions", "Clock decisions taken", [*lab, "trigger"], registry=r
+        )
+        self.lost = Counter(
+            "throttllem_lost_request_decisions",
+            "Decisions that went to max clock because a request was lost",
+            lab,
+            registry=r,
+        )
         self.decision_seconds = Histogram(
-            "throttllem_decision_seconds", "Wall time of one decision", lab, registry=r,
+            "throttllem_decision_seconds",
+            "Wall time of one decision",
+            lab,
+            registry=r,
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
         )
 

@@ -102,17 +102,29 @@ class CatBoostPerformanceModel:
 
     @classmethod
     def fit(
-        cls, x: FloatArray, ips: FloatArray, *, iterations: int = 1500, depth: int = 8,
-        seed: int = 0, threads: int = -1,
+        cls,
+        x: FloatArray,
+        ips: FloatArray,
+        *,
+        iterations: int = 1500,
+        depth: int = 8,
+        seed: int = 0,
+        threads: int = -1,
     ) -> CatBoostPerformanceModel:
         from catboost import CatBoostRegressor
 
         if np.any(ips <= 0):
             raise ValueError("IPS must be positive in every row")
         booster = CatBoostRegressor(
-            iterations=iterations, depth=depth, learning_rate=0.08, loss_function="RMSE",
-            monotone_constraints=list(MONOTONE), random_seed=seed, thread_count=threads,
-            verbose=False, allow_writing_files=False,
+            iterations=iterations,
+            depth=depth,
+            learning_rate=0.08,
+            loss_function="RMSE",
+            monotone_constraints=list(MONOTONE),
+            random_seed=seed,
+            thread_count=threads,
+            verbose=False,
+            allow_writing_files=False,
         )
         booster.fit(x, np.log(ips))
         return cls(booster, {"features": list(FEATURES), "target": "log_ips"})
@@ -143,7 +155,7 @@ def split(
     x: FloatArray, y: FloatArray, test_fraction: float, seed: int
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     order = np.random.default_rng(seed).permutation(x.shape[0])
-    n_test = max(1, int(round(x.shape[0] * test_fraction)))
+    n_test = max(1, round(x.shape[0] * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]
 

@@ -72,9 +72,7 @@ def _ceil_div(a: IntArray | int, b: int) -> IntArray:
     return -(-np.asarray(a, dtype=np.int64) // b)
 
 
-def _running_kv(
-    context: IntArray, remaining: IntArray, tpb: int, horizon: int
-) -> IntArray:
+def _running_kv(context: IntArray, remaining: IntArray, tpb: int, horizon: int) -> IntArray:
     """KV blocks of the running requests per iteration, from block-boundary events."""
     first = _ceil_div(context + 1, tpb)  # blocks in iteration 0
     last = _ceil_div(context + remaining, tpb)  # blocks in the last iteration
@@ -95,9 +93,7 @@ def _running_kv(
     return np.cumsum(delta[:horizon])
 
 
-def project(
-    running: RunningRequests, queued: QueuedRequests, limits: EngineLimits
-) -> Projection:
+def project(running: RunningRequests, queued: QueuedRequests, limits: EngineLimits) -> Projection:
     """Batch, KV and context tokens per future iteration, and when each request is served."""
     tpb = limits.tokens_per_block
     remaining = np.maximum(running.remaining_tokens.astype(np.int64), 1)
@@ -108,9 +104,9 @@ def project(
     ends = np.bincount(remaining, minlength=horizon + 1)[:horizon]
     batch = remaining.shape[0] - np.cumsum(ends)  # active in iteration t: remaining > t
     kv = _running_kv(context, remaining, tpb, horizon)
-    reserved_end = np.bincount(
-        remaining, weights=running.reserved_blocks, minlength=horizon + 1
-    )[:horizon]
+    reserved_end = np.bincount(remaining, weights=running.reserved_blocks, minlength=horizon + 1)[
+        :horizon
+    ]
     reserved = int(running.reserved_blocks.sum()) - np.cumsum(reserved_end)
     reserved = reserved.astype(np.int64)
     ctx = np.zeros(horizon, dtype=np.int64)

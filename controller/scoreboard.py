@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from .clock_policy import RequestDeadlines
 from .events import Arrived, Finish, Finished, FirstToken, InFlight, Iteration, Slo
@@ -53,9 +54,7 @@ class DecisionInputs:
 
 
 class Scoreboard:
-    def __init__(
-        self, predictor: LengthPredictor, default_slo: Slo, tokens_per_block: int
-    ) -> None:
+    def __init__(self, predictor: LengthPredictor, default_slo: Slo, tokens_per_block: int) -> None:
         self.predictor = predictor
         self.default_slo = default_slo
         self.tokens_per_block = tokens_per_block
@@ -69,8 +68,13 @@ class Scoreboard:
     def on_arrived(self, ev: Arrived) -> None:
         predicted = self.predictor.predict(ev.prompt_tokens, ev.max_tokens, 0, ev.length_hint)
         self.requests[ev.request_id] = TrackedRequest(
-            ev.request_id, ev.time_s, ev.prompt_tokens, ev.max_tokens,
-            self.default_slo.overridden_by(ev.slo), ev.length_hint, predicted,
+            ev.request_id,
+            ev.time_s,
+            ev.prompt_tokens,
+            ev.max_tokens,
+            self.default_slo.overridden_by(ev.slo),
+            ev.length_hint,
+            predicted,
         )
 
     def on_first_token(self, ev: FirstToken) -> None:
@@ -118,13 +122,20 @@ class Scoreboard:
         for r in snapshot:
             previous = old.get(r.request_id)
             predicted = (
-                previous.predicted_at_arrival if previous
+                previous.predicted_at_arrival
+                if previous
                 else self.predictor.predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint)
             )
             self.requests[r.request_id] = TrackedRequest(
-                r.request_id, r.arrival_s, r.prompt_tokens, r.max_tokens,
-                self.default_slo.overridden_by(r.slo), r.length_hint, predicted,
-                generated=r.output_tokens, first_token_s=r.first_token_s,
+                r.request_id,
+                r.arrival_s,
+                r.prompt_tokens,
+                r.max_tokens,
+                self.default_slo.overridden_by(r.slo),
+                r.length_hint,
+                predicted,
+                generated=r.output_tokens,
+                first_token_s=r.first_token_s,
             )
 
     def attainment(self) -> float:
@@ -137,10 +148,12 @@ class Scoreboard:
         wait = [r for r in ordered if r.first_token_s is None]
         tpb = self.tokens_per_block
 
-        def ints(values: list[int]) -> np.ndarray:
+        def ints(values: list[int]) -> npt.NDArray[np.int64]:
             return np.array(values, dtype=np.int64)
 
-        def deadline(reqs: list[TrackedRequest], attr: str, base: str | None) -> np.ndarray:
+        def deadline(
+            reqs: list[TrackedRequest], attr: str, base: str | None
+        ) -> npt.NDArray[np.float64]:
             out = []
             for r in reqs:
                 target = getattr(r.slo, attr)
@@ -151,18 +164,26 @@ class Scoreboard:
             return np.array(out, dtype=np.float64)
 
         remaining = [
-            max(self.predictor.predict(r.prompt_tokens, r.max_tokens, r.generated, r.length_hint)
-                - r.generated, 1)
+            max(
+                self.predictor.predict(r.prompt_tokens, r.max_tokens, r.generated, r.length_hint)
+                - r.generated,
+                1,
+            )
             for r in run
         ]
         running = RunningRequests(
-            ints([r.prompt_tokens + r.generated for r in run]), ints(remaining),
+            ints([r.prompt_tokens + r.generated for r in run]),
+            ints(remaining),
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in run]),
         )
         queued = QueuedRequests(
             ints([r.prompt_tokens for r in wait]),
-            ints([self.predictor.predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint)
-                  for r in wait]),
+            ints(
+                [
+                    self.predictor.predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint)
+                    for r in wait
+                ]
+            ),
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
         )
         deadlines = RequestDeadlines(

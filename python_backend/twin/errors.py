@@ -3,6 +3,9 @@
 TwinError
  ├── SpecError          a GPU or model description is wrong or incomplete (names the field)
  ├── ConfigurationError an engine configuration that cannot work (e.g. weights do not fit)
+ ├── RequestError       the twin engine refused a request at enqueue (names the bad field)
+ ├── ExecutorShutdownError  the twin engine was used after shutdown()
+ ├── KvCacheExhaustedError  a KV block allocation the pool cannot serve (a scheduler bug)
  └── TwinNvmlError      the twin GPU refused a call, with the NVML return code a real GPU gives
 """
 
@@ -19,6 +22,18 @@ class SpecError(TwinError, ValueError):
 
 class ConfigurationError(TwinError, ValueError):
     """An engine configuration that cannot work on the chosen hardware."""
+
+
+class RequestError(TwinError, ValueError):
+    """An executor request the engine cannot run (empty prompt, too long, max_tokens <= 0...)."""
+
+
+class ExecutorShutdownError(TwinError, RuntimeError):
+    """The twin engine was asked to take work after shutdown()."""
+
+
+class KvCacheExhaustedError(TwinError, RuntimeError):
+    """A KV-cache allocation the pool cannot serve: a scheduler bug, never a user error."""
 
 
 # NVML return codes (nvml.h) the twin reproduces, so drivers can map both the same way.

@@ -39,6 +39,7 @@ class GpuPhysics:
     mem_dynamic_w: float  # HBM + memory-path power at full bandwidth
     voltage_floor_ratio: float  # core voltage at the lowest clocks, relative to max clock
     voltage_knee_mhz: float  # voltage is flat below this clock and rises linearly above
+    locked_idle_w: float  # extra power of an idle GPU held at max clock (clock tree, voltage)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,7 @@ class GpuSpec:
 
     def supported_clocks_mhz(self) -> list[int]:
         """SM clocks the board accepts, highest first (the order NVML lists them in)."""
-        return list(
-            range(self.max_sm_clock_mhz, self.min_sm_clock_mhz - 1, -self.clock_step_mhz)
-        )
+        return list(range(self.max_sm_clock_mhz, self.min_sm_clock_mhz - 1, -self.clock_step_mhz))
 
 
 @dataclass(frozen=True)
@@ -207,8 +206,16 @@ def _coerce(type_name: Any, value: Any, where: str) -> Any:
 
 
 def _check_gpu(spec: GpuSpec, where: str) -> GpuSpec:
-    positive = ("memory_gib", "mem_bandwidth_gb_s", "peak_fp16_tflops", "num_sms",
-                "max_sm_clock_mhz", "min_sm_clock_mhz", "clock_step_mhz", "power_limit_w")
+    positive = (
+        "memory_gib",
+        "mem_bandwidth_gb_s",
+        "peak_fp16_tflops",
+        "num_sms",
+        "max_sm_clock_mhz",
+        "min_sm_clock_mhz",
+        "clock_step_mhz",
+        "power_limit_w",
+    )
     for name in positive:
         if getattr(spec, name) <= 0:
             raise SpecError(f"{where}.{name}: must be positive")
@@ -226,8 +233,16 @@ def _check_gpu(spec: GpuSpec, where: str) -> GpuSpec:
 
 
 def _check_model(spec: ModelSpec, where: str) -> ModelSpec:
-    for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                 "intermediate_size", "vocab_size", "max_context", "dtype_bytes"):
+    for name in (
+        "num_layers",
+        "hidden_size",
+        "num_heads",
+        "num_kv_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_context",
+        "dtype_bytes",
+    ):
         if getattr(spec, name) <= 0:
             raise SpecError(f"{where}.{name}: must be positive")
     if spec.hidden_size % spec.num_heads:
@@ -253,7 +268,8 @@ def _read_mapping(path: Path) -> Any:
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}")
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise SpecError(f"{path}: not valid {kind}: {e}") from e
 
 
 def load_gpu_file(path: str | Path) -> GpuSpec:
@@ -295,7 +311,7 @@ class Catalog:
 
 
 def _load_preset_list(filename: str) -> list[Any]:
-    text = resources.files(__package__).joinpath("presets", filename).read_text()
+    text = resources.files(__package__).joinpath("presets").joinpath(filename).read_text()
     data = yaml.safe_load(text)
     if not isinstance(data, list):
         raise SpecError(f"presets/{filename}: expected a list")
@@ -304,8 +320,12 @@ def _load_preset_list(filename: str) -> list[Any]:
 
 def default_catalog() -> Catalog:
     """The presets shipped with throttllem."""
-    gpus = [gpu_from_mapping(d, f"presets/gpus.yaml[{i}]")
-            for i, d in enumerate(_load_preset_list("gpus.yaml"))]
-    models = [model_from_mapping(d, f"presets/models.yaml[{i}]")
-              for i, d in enumerate(_load_preset_list("models.yaml"))]
+    gpus = [
+        gpu_from_mapping(d, f"presets/gpus.yaml[{i}]")
+        for i, d in enumerate(_load_preset_list("gpus.yaml"))
+    ]
+    models = [
+        model_from_mapping(d, f"presets/models.yaml[{i}]")
+        for i, d in enumerate(_load_preset_list("models.yaml"))
+    ]
     return Catalog({g.name: g for g in gpus}, {m.name: m for m in models})

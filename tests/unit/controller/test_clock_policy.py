@@ -30,9 +30,11 @@ class AnalyticModel:
 
     def predict_ips(self, x: np.ndarray) -> np.ndarray:
         f = x[:, COL["sm_clock_mhz"]]
-        ms = 8.0 + 0.02 * x[:, COL["kv_blocks"]] / 64 + (
-            2.0 + 0.05 * x[:, COL["batch_size"]] + 0.01 * x[:, COL["ctx_tokens"]]
-        ) * (1410.0 / f)
+        ms = (
+            8.0
+            + 0.02 * x[:, COL["kv_blocks"]] / 64
+            + (2.0 + 0.05 * x[:, COL["batch_size"]] + 0.01 * x[:, COL["ctx_tokens"]]) * (1410.0 / f)
+        )
         return 1000.0 / ms
 
 
@@ -40,8 +42,14 @@ LIMITS = EngineLimits(max_batch_size=64, kv_capacity_blocks=2000, tokens_per_blo
 TABLE = IpsTable(AnalyticModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000)
 
 
-def _scenario(e2e_s: float, n: int = 16, remaining: int = 100, tbt_s: float = np.inf,
-              queued: int = 0, ttft_s: float = np.inf):
+def _scenario(
+    e2e_s: float,
+    n: int = 16,
+    remaining: int = 100,
+    tbt_s: float = np.inf,
+    queued: int = 0,
+    ttft_s: float = np.inf,
+):
     running = RunningRequests(
         np.full(n, 600, np.int64), np.full(n, remaining, np.int64), np.full(n, 20, np.int64)
     )
@@ -64,10 +72,15 @@ def _scenario(e2e_s: float, n: int = 16, remaining: int = 100, tbt_s: float = np
 
 
 def _time_to_finish(clock: int, proj) -> float:
-    x = np.column_stack([
-        np.full(proj.horizon, clock), np.maximum(proj.batch, 1), proj.kv_blocks,
-        proj.ctx_tokens, np.ones(proj.horizon),
-    ]).astype(float)
+    x = np.column_stack(
+        [
+            np.full(proj.horizon, clock),
+            np.maximum(proj.batch, 1),
+            proj.kv_blocks,
+            proj.ctx_tokens,
+            np.ones(proj.horizon),
+        ]
+    ).astype(float)
     busy = proj.batch > 0
     return float((1.0 / AnalyticModel().predict_ips(x))[busy].sum())
 

@@ -57,9 +57,7 @@ def _reference(
     return batch, kv, ctx, first
 
 
-requests = st.tuples(
-    st.integers(1, 300), st.integers(1, 120), st.integers(1, 12)
-)
+requests = st.tuples(st.integers(1, 300), st.integers(1, 120), st.integers(1, 12))
 
 
 @settings(max_examples=150, deadline=None)
@@ -96,9 +94,7 @@ def test_projection_matches_the_iteration_by_iteration_reference(
 
 def test_a_full_engine_delays_the_queued_request_until_blocks_free_up() -> None:
     limits = EngineLimits(max_batch_size=8, kv_capacity_blocks=10, tokens_per_block=64)
-    running = RunningRequests(
-        np.array([100, 100]), np.array([5, 50]), np.array([4, 4])
-    )
+    running = RunningRequests(np.array([100, 100]), np.array([5, 50]), np.array([4, 4]))
     queued = QueuedRequests(np.array([200]), np.array([10]), np.array([4]))
     proj = project(running, queued, limits)
     # Reserved 8 of 10 blocks until the first request ends after iteration 4.
@@ -110,7 +106,8 @@ def test_a_full_engine_delays_the_queued_request_until_blocks_free_up() -> None:
 def test_nothing_in_flight_projects_an_empty_future() -> None:
     empty = np.array([], dtype=np.int64)
     proj = project(
-        RunningRequests(empty, empty, empty), QueuedRequests(empty, empty, empty),
+        RunningRequests(empty, empty, empty),
+        QueuedRequests(empty, empty, empty),
         EngineLimits(8, 100, 64),
     )
     assert proj.horizon <= 1 and proj.batch.sum() == 0

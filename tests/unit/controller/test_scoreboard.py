@@ -6,8 +6,15 @@ import math
 
 import pytest
 
-from throttllem.controller.events import Arrived, Finish, Finished, FirstToken, InFlight, Iteration
-from throttllem.controller.events import Slo
+from throttllem.controller.events import (
+    Arrived,
+    Finish,
+    Finished,
+    FirstToken,
+    InFlight,
+    Iteration,
+    Slo,
+)
 from throttllem.controller.length_predictor import LengthPredictor
 from throttllem.controller.scoreboard import Scoreboard
 
@@ -82,10 +89,12 @@ def test_unknown_requests_are_ignored() -> None:
 def test_rebuild_from_snapshot_replaces_state() -> None:
     sb = _board()
     sb.on_arrived(Arrived(1, 0.0, 100, 500))
-    sb.rebuild([
-        InFlight(2, 1.0, 300, 400, output_tokens=50, first_token_s=1.5),
-        InFlight(3, 2.0, 30, 40, output_tokens=0, first_token_s=None, slo=Slo(ttft_s=0.1)),
-    ])
+    sb.rebuild(
+        [
+            InFlight(2, 1.0, 300, 400, output_tokens=50, first_token_s=1.5),
+            InFlight(3, 2.0, 30, 40, output_tokens=0, first_token_s=None, slo=Slo(ttft_s=0.1)),
+        ]
+    )
     inputs = sb.decision_inputs()
     assert inputs.deadlines.running_ids == ("2",)
     assert inputs.running.context_tokens.tolist() == [350]

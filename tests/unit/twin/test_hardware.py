@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,23 @@ CATALOG = default_catalog()
 def test_presets_named_as_on_the_command_line() -> None:
     assert set(CATALOG.gpus) == {"A100-SXM4-40GB", "A100-SXM4-80GB", "H100-SXM5-80GB"}
     assert set(CATALOG.models) == {
-        "llama-3-8b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-70b"
+        "llama-3-8b",
+        "llama-2-7b",
+        "llama-2-13b",
+        "llama-2-70b",
+        "llama-3-70b",
     }
 
 
 @pytest.mark.parametrize(
     ("name", "billions"),
-    [("llama-2-7b", 6.74), ("llama-2-13b", 13.0), ("llama-3-8b", 8.03), ("llama-2-70b", 69.0),
-     ("llama-3-70b", 70.6)],
+    [
+        ("llama-2-7b", 6.74),
+        ("llama-2-13b", 13.0),
+        ("llama-3-8b", 8.03),
+        ("llama-2-70b", 69.0),
+        ("llama-3-70b", 70.6),
+    ],
 )
 def test_parameter_counts_match_the_published_sizes(name: str, billions: float) -> None:
     assert CATALOG.model(name).total_params() / 1e9 == pytest.approx(billions, rel=0.01)
@@ -40,7 +50,7 @@ def test_parameter_counts_match_the_published_sizes(name: str, billions: float) 
 def test_a100_clock_table_is_1410_down_to_210_in_15_mhz_steps() -> None:
     clocks = CATALOG.gpu("A100-SXM4-40GB").supported_clocks_mhz()
     assert clocks[0] == 1410 and clocks[-1] == 210 and len(clocks) == 81
-    assert all(a - b == 15 for a, b in zip(clocks, clocks[1:]))
+    assert all(a - b == 15 for a, b in pairwise(clocks))
 
 
 def test_kv_bytes_per_token_uses_grouped_query_heads() -> None:
@@ -66,8 +76,16 @@ def test_kv_capacity_grows_with_tensor_parallelism() -> None:
 
 
 def _model_dict() -> dict[str, object]:
-    return {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
-            "num_kv_heads": 2, "intermediate_size": 128, "vocab_size": 1000, "max_context": 512}
+    return {
+        "name": "tiny",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 1000,
+        "max_context": 512,
+    }
 
 
 def test_user_model_file_in_yaml_and_json(tmp_path: Path) -> None:
