@@ -94,6 +94,11 @@ class TwinGpu:
 
     # ---- clocks -------------------------------------------------------------------------------
 
+    @property
+    def clock_change_latency_s(self) -> float:
+        """Delay between a lock (or reset) call and the clock it sets taking effect."""
+        return self._change_latency_s
+
     def supported_clocks_mhz(self) -> list[int]:
         return list(self._clocks)
 
