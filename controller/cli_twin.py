@@ -35,11 +35,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--output-tokens", type=int, required=True, help="tokens each generates")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
-    run.set_defaults(handler=_guarded(_run))
+    run.set_defaults(handler=guarded("twin run", _run))
 
     clocks = cmds.add_parser("clocks", help="the SM clocks a GPU supports")
     clocks.add_argument("--gpu", required=True, help="GPU preset name or a .yaml/.json file")
-    clocks.set_defaults(handler=_guarded(_clocks))
+    clocks.set_defaults(handler=guarded("twin clocks", _clocks))
 
     cal = cmds.add_parser(
         "calibrate", help="compare the twin with published measurements; non-zero on a miss"
@@ -51,10 +51,10 @@ def add_parser(sub: Any) -> None:
         help="calibration data folder (default: ../shared/data/calibration when it exists)",
     )
     cal.add_argument("--json", action="store_true", help="print one JSON object")
-    cal.set_defaults(handler=_guarded(_calibrate))
+    cal.set_defaults(handler=guarded("twin calibrate", _calibrate))
 
 
-def _guarded(handler: Any) -> Any:
+def guarded(command: str, handler: Any) -> Any:
     """Turn bad input into one clear line and exit status 2, as the commands promise."""
 
     def run(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def _guarded(handler: Any) -> Any:
             code: int = handler(args)
             return code
         except (UsageError, TwinError) as e:
-            print(f"throttllem twin {args.twin_command}: error: {e}", file=sys.stderr)
+            print(f"throttllem {command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
 
     return run

@@ -50,8 +50,14 @@ class IpsTable:
         self.kv_grid = np.unique(
             np.ceil(np.linspace(0, self.kv_capacity, kv_points)).astype(np.int64)
         )
-        batches = np.arange(max_batch + 1, dtype=np.int64)
-        self._gen = self._sample(model, tp, batches, self.kv_grid, np.array([0]))[..., 0]
+        # Every batch size up to 64, then every 4th: rounded up, so never optimistic.
+        self.batch_grid = np.unique(
+            np.concatenate([np.arange(min(max_batch, 64) + 1), np.arange(64, max_batch + 4, 4)])
+        ).astype(np.int64)
+        self.batch_grid = self.batch_grid[self.batch_grid <= max(max_batch, 0)]
+        if self.batch_grid[-1] != max_batch:
+            self.batch_grid = np.append(self.batch_grid, max_batch)
+        self._gen = self._sample(model, tp, self.batch_grid, self.kv_grid, np.array([0]))[..., 0]
         self.coarse_batch = np.unique(
             np.ceil(np.linspace(0, max_batch, COARSE_BATCH_POINTS)).astype(np.int64)
         )
@@ -88,7 +94,9 @@ class IpsTable:
     def prepare(self, batch: IntArray, kv: IntArray, ctx: IntArray) -> PreparedWork:
         """Grid positions of a projection, computed once and reused for every clock tried."""
         b = np.minimum(batch, self.max_batch)
-        flat = b * len(self.kv_grid) + self._kv_index(self.kv_grid, kv)
+        flat = np.searchsorted(self.batch_grid, b) * len(self.kv_grid) + self._kv_index(
+            self.kv_grid, kv
+        )
         prefill = np.nonzero(ctx)[0]
         bi = np.minimum(np.searchsorted(self.coarse_batch, b[prefill]), len(self.coarse_batch) - 1)
         ki = self._kv_index(self.coarse_kv, kv[prefill])

@@ -1,0 +1,69 @@
+"""How long one full clock decision takes: scoreboard -> projection -> policy over a table."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from throttllem.backend.twin.hardware import default_catalog, kv_cache_blocks
+
+from .clock_policy import choose_clock
+from .events import Arrived, FirstToken, Slo
+from .ips_table import IpsTable
+from .length_predictor import LengthPredictor
+from .oracle_model import TwinOracleModel
+from .projection import EngineLimits, project
+from .scoreboard import Scoreboard
+
+TOKENS_PER_BLOCK = 64
+
+
+def build_loaded_scoreboard(requests: int, horizon: int, seed: int = 0) -> Scoreboard:
+    """`requests` requests generating, whose predicted ends spread over `horizon` iterations."""
+    rng = np.random.default_rng(seed)
+    board = Scoreboard(LengthPredictor(), Slo(ttft_s=2.0, tbt_s=0.2, e2e_s=600.0), TOKENS_PER_BLOCK)
+    for i in range(requests):
+        remaining = horizon if i == 0 else int(rng.integers(1, horizon + 1))
+        prompt = int(rng.integers(64, 1024))
+        # A length hint pins the prediction, so the horizon is exactly what was asked for.
+        board.on_arrived(Arrived(i, 0.0, prompt, max_tokens=horizon + 8, length_hint=remaining + 1))
+        board.on_first_token(FirstToken(i, 0.1))
+    return board
+
+
+def run_decision_bench(
+    gpu_name: str, requests: int, horizon: int, repeat: int
+) -> dict[str, float | int]:
+    catalog = default_catalog()
+    gpu, model = catalog.gpu(gpu_name), catalog.model("llama-3-8b")
+    capacity = max(
+        kv_cache_blocks(gpu, model, 1, TOKENS_PER_BLOCK),
+        requests * (1024 + horizon) // TOKENS_PER_BLOCK + requests,
+    )
+    limits = EngineLimits(max(requests, 1), capacity, TOKENS_PER_BLOCK)
+    table = IpsTable(
+        TwinOracleModel(gpu, model, 1, TOKENS_PER_BLOCK),
+        gpu.supported_clocks_mhz(),
+        tp=1,
+        max_batch=limits.max_batch_size,
+        kv_capacity_blocks=capacity,
+    )
+    board = build_loaded_scoreboard(requests, horizon)
+    times = []
+    proj_horizon = 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        inputs = board.decision_inputs()
+        proj = project(inputs.running, inputs.queued, limits)
+        choose_clock(1.0, proj, inputs.deadlines, table)
+        times.append(time.perf_counter() - started)
+        proj_horizon = proj.horizon
+    ms = np.array(times) * 1000.0
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "requests": requests,
+        "horizon": proj_horizon,
+        "clocks": len(table.clocks_mhz),
+    }
