@@ -85,7 +85,11 @@ def _profile(args: argparse.Namespace) -> int:
     plan = default_plan(gpu, model, DEFAULT_MAX_BATCH_SIZE, args.clock_stride)
     started = time.perf_counter()
     with tqdm(total=plan.size, desc="profiling", unit="run", file=sys.stderr) as bar:
-        x, ips = profile_twin(gpu, model, args.tp, seed=args.seed, plan=plan, progress=bar.update)
+
+        def advance(runs: int) -> None:
+            bar.update(runs)
+
+        x, ips = profile_twin(gpu, model, args.tp, seed=args.seed, plan=plan, progress=advance)
     meta = {
         "engine": "twin",
         "gpu": gpu.name,

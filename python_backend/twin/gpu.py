@@ -160,11 +160,14 @@ class TwinGpu:
     def power_usage_mw(self) -> int:
         """Mean power of the last interval the GPU accounted (an iteration or an idle gap)."""
         with self._mutex:
+            # A reader must see an idle GPU as idle, not as its last iteration.
+            self._idle_to(self._time.now_s())
             return round(self._last_power_w * 1000.0)
 
     def total_energy_mj(self) -> int:
-        """Energy since creation in mJ, idle gaps included up to the last accounted time."""
+        """Energy since creation in mJ, idle time included up to now."""
         with self._mutex:
+            self._idle_to(self._time.now_s())
             return int(self._energy_mj)
 
     def enforced_power_limit_mw(self) -> int:
