@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import cli_clockd, cli_model, cli_twin
+from . import cli_clockd, cli_model, cli_serve, cli_twin
 
 # Exit status for bad command-line input, as argparse uses.
 EXIT_USAGE = 2
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_twin.add_parser(sub)
+    cli_serve.add_parser(sub)
     cli_clockd.add_parser(sub)
     cli_model.add_parsers(sub)
     return parser

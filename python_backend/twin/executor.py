@@ -25,7 +25,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from .errors import ConfigurationError, ExecutorShutdownError, RequestError
 from .executor_api import (
@@ -185,8 +185,9 @@ class TwinExecutor:
                     payload=(req, list(req.input_token_ids)),
                 )
                 self._sched.add(seq)
-            self._work_cv.notify()
-            self._resp_cv.notify_all()
+            if self._thread is not None:  # nobody waits on a virtual-time engine
+                self._work_cv.notify()
+                self._resp_cv.notify_all()
         return ids
 
     def cancel_request(self, id: int) -> None:
@@ -212,6 +213,11 @@ class TwinExecutor:
         list is taken as `id` / `ids`. In virtual mode nothing happens while waiting, so it
         returns at once. An id that is neither running nor has responses raises RequestError.
         """
+        fast = id is None and ids is None and not isinstance(timeout, (int, list, tuple))
+        if fast and self._thread is None:  # the common virtual-time poll: nothing to wait for
+            with self._lock:
+                out, self._ready = self._ready, []
+            return out
         if isinstance(timeout, int) and not isinstance(timeout, bool):
             id, timeout = timeout, None
         elif isinstance(timeout, (list, tuple)):
@@ -285,11 +291,14 @@ class TwinExecutor:
 
     def step(self) -> IterationStats | None:
         """Run one iteration, advancing virtual time by its latency; None when idle."""
-        vt = self._require_virtual()
+        vt = self.time
+        if not isinstance(vt, VirtualTime):
+            raise ConfigurationError("step() needs VirtualTime; use start() instead")
         with self._lock:
-            if self._sched.has_cancellations:
+            sched = self._sched
+            if sched.has_cancellations:
                 self._boundary()
-            batch = self._sched.schedule()
+            batch = sched.schedule()
             if batch is None:
                 return None
             executed = self._execute(batch, vt.now_s())
@@ -334,8 +343,7 @@ class TwinExecutor:
             self._thread.start()
 
     def _loop(self) -> None:
-        wall = self.time
-        assert isinstance(wall, ScaledWallTime)
+        wall = cast(ScaledWallTime, self.time)  # the constructor checked: not virtual
         try:
             while True:
                 with self._lock:
@@ -386,8 +394,7 @@ class TwinExecutor:
         latency_at: Callable[[int], LatencyBreakdown] = functools.partial(
             self.latency.at, batch.work
         )
-        if self._jitter:
-            # One seeded factor per iteration, the same at every clock the GPU tries.
+        if self._jitter:  # (seeded per iteration: the same factor at every clock the GPU tries)
             u = uniform01(self.seed ^ 0x5DEECE66D, batch.iteration)
             latency_at = functools.partial(
                 _scaled, latency_at, 1.0 + self._jitter * (2.0 * u - 1.0) * 1.7320508075688772
@@ -408,6 +415,7 @@ class TwinExecutor:
         out = sched.update_after(batch)
         ready = self._ready
         tokens = self._tokens
+        n_ready = len(ready)
         for seq in out.first_tokens:
             if seq.first_token_s is None:
                 seq.first_token_s = end
@@ -432,7 +440,7 @@ class TwinExecutor:
             self._stats.append(stats)
         if self._req_stats.maxlen:
             self._req_stats.append(request_stats(batch, out, sched))
-        if ready:
+        if len(ready) > n_ready and self._thread is not None:
             self._resp_cv.notify_all()
         return stats
 

@@ -15,13 +15,27 @@ from __future__ import annotations
 import datetime
 import enum
 import json
-from dataclasses import KW_ONLY, dataclass, field
+from collections.abc import Iterable
+from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any
 
 from .iteration import LatencyBreakdown
 
 # The real executor formats IterationStats.timestamp with this pattern.
 TIMESTAMP_FORMAT = "%m-%d-%Y %H:%M:%S.%f"
+# JSON keys are the C++ member names: camelCase, units in capitals (iter_latency_ms ->
+# iterLatencyMS); the twin's own keys follow the same rule (sm_clock_mhz -> smClockMHz).
+_UNIT_PARTS = {"ms": "MS", "mhz": "MHz", "mj": "MJ", "w": "W", "s": "S"}
+
+
+def camel_key(name: str) -> str:
+    """The executor's JSON key for a Python attribute name."""
+    first, *rest = name.split("_")
+    return first + "".join(_UNIT_PARTS.get(part) or part.capitalize() for part in rest)
+
+
+def _json_fields(obj: Any, names: Iterable[str]) -> dict[str, Any]:
+    return {camel_key(name): getattr(obj, name) for name in names}
 
 
 class ModelType(enum.Enum):
@@ -234,17 +248,7 @@ class KvCacheStats:
     cache_hit_rate: float = 0.0
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "maxNumBlocks": self.max_num_blocks,
-            "freeNumBlocks": self.free_num_blocks,
-            "usedNumBlocks": self.used_num_blocks,
-            "tokensPerBlock": self.tokens_per_block,
-            "allocTotalBlocks": self.alloc_total_blocks,
-            "allocNewBlocks": self.alloc_new_blocks,
-            "reusedBlocks": self.reused_blocks,
-            "missedBlocks": self.missed_blocks,
-            "cacheHitRate": self.cache_hit_rate,
-        }
+        return _json_fields(self, (f.name for f in fields(self)))
 
 
 @dataclass(slots=True)
@@ -258,18 +262,10 @@ class InflightBatchingStats:
     avg_num_decoded_tokens_per_iter: float = 0.0
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "numScheduledRequests": self.num_scheduled_requests,
-            "numContextRequests": self.num_context_requests,
-            "numGenRequests": self.num_gen_requests,
-            "numPausedRequests": self.num_paused_requests,
-            "numCtxTokens": self.num_ctx_tokens,
-            "microBatchId": self.micro_batch_id,
-            "avgNumDecodedTokensPerIter": self.avg_num_decoded_tokens_per_iter,
-        }
+        return _json_fields(self, (f.name for f in fields(self)))
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~2 us more per iteration
+@dataclass(slots=True)
 class TwinIterationInfo:
     """Twin-only: what the simulated GPUs did during one iteration."""
 
@@ -281,39 +277,48 @@ class TwinIterationInfo:
     breakdown: LatencyBreakdown
 
     def to_json_dict(self) -> dict[str, Any]:
+        out = _json_fields(self, ("start_s", "end_s", "sm_clock_mhz", "power_w", "energy_mj"))
         b = self.breakdown
-        return {
-            "startS": self.start_s,
-            "endS": self.end_s,
-            "smClockMHz": self.sm_clock_mhz,
-            "powerW": self.power_w,
-            "energyMJ": self.energy_mj,
-            "denseMS": b.dense_ms,
-            "attentionMS": b.attention_ms,
-            "communicationMS": b.communication_ms,
-            "overheadMS": b.overhead_ms,
-            "smActivity": b.sm_activity,
-            "dramActivity": b.dram_activity,
-        }
+        out.update(_json_fields(b, (f.name for f in fields(b) if f.name != "sm_clock_mhz")))
+        return out
+
+
+_ITERATION_FIELDS = (
+    "iter",
+    "iter_latency_ms",
+    "new_active_requests_queue_latency_ms",
+    "num_new_active_requests",
+    "num_active_requests",
+    "num_queued_requests",
+    "num_completed_requests",
+    "max_num_active_requests",
+    "max_batch_size_static",
+    "max_num_tokens_static",
+    "gpu_mem_usage",
+    "cpu_mem_usage",
+    "pinned_mem_usage",
+)
 
 
 class IterationStats:
     """Statistics of one engine iteration, with the attribute names of the bindings.
 
-    `timestamp` is the END of the iteration, formatted lazily: building the string costs more
-    than the rest of the record and most consumers read only the numbers.
+    Built once per simulated iteration, so it is cheap to make and costs only when read: the
+    `timestamp` string (the END of the iteration) and the nested records are built on first
+    access. The nested records may be given as tuples of their fields in declaration order.
     """
 
     __slots__ = (
         "_epoch",
+        "_ifb",
+        "_kv",
         "_timestamp",
+        "_twin",
         "cpu_mem_usage",
         "end_s",
         "gpu_mem_usage",
-        "inflight_batching_stats",
         "iter",
         "iter_latency_ms",
-        "kv_cache_stats",
         "max_batch_size_static",
         "max_num_active_requests",
         "max_num_tokens_static",
@@ -323,7 +328,6 @@ class IterationStats:
         "num_new_active_requests",
         "num_queued_requests",
         "pinned_mem_usage",
-        "twin",
     )
 
     static_batching_stats = None  # in-flight batching only
@@ -331,7 +335,6 @@ class IterationStats:
 
     def __init__(
         self,
-        *,
         end_s: float,
         epoch: datetime.datetime,
         iter: int,
@@ -345,9 +348,9 @@ class IterationStats:
         max_batch_size_static: int,
         max_num_tokens_static: int,
         gpu_mem_usage: int,
-        kv_cache_stats: KvCacheStats,
-        inflight_batching_stats: InflightBatchingStats,
-        twin: TwinIterationInfo | None = None,
+        kv_cache_stats: KvCacheStats | tuple[Any, ...],
+        inflight_batching_stats: InflightBatchingStats | tuple[Any, ...],
+        twin: TwinIterationInfo | tuple[Any, ...] | None = None,
         cpu_mem_usage: int = 0,
         pinned_mem_usage: int = 0,
     ) -> None:
@@ -367,9 +370,31 @@ class IterationStats:
         self.gpu_mem_usage = gpu_mem_usage
         self.cpu_mem_usage = cpu_mem_usage
         self.pinned_mem_usage = pinned_mem_usage
-        self.kv_cache_stats = kv_cache_stats
-        self.inflight_batching_stats = inflight_batching_stats
-        self.twin = twin
+        self._kv = kv_cache_stats
+        self._ifb = inflight_batching_stats
+        self._twin = twin
+
+    @property
+    def kv_cache_stats(self) -> KvCacheStats:
+        kv = self._kv
+        if isinstance(kv, tuple):
+            kv = self._kv = KvCacheStats(*kv)
+        return kv
+
+    @property
+    def inflight_batching_stats(self) -> InflightBatchingStats:
+        ifb = self._ifb
+        if isinstance(ifb, tuple):
+            ifb = self._ifb = InflightBatchingStats(*ifb)
+        return ifb
+
+    @property
+    def twin(self) -> TwinIterationInfo | None:
+        """Twin-only: clock, power, energy and latency breakdown of the iteration."""
+        twin = self._twin
+        if isinstance(twin, tuple):
+            twin = self._twin = TwinIterationInfo(*twin)
+        return twin
 
     @property
     def timestamp(self) -> str:
@@ -379,30 +404,14 @@ class IterationStats:
         return self._timestamp
 
     def to_json_dict(self, *, include_twin: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "timestamp": self.timestamp,
-            "iter": self.iter,
-            "iterLatencyMS": self.iter_latency_ms,
-            "newActiveRequestsQueueLatencyMS": self.new_active_requests_queue_latency_ms,
-            "numNewActiveRequests": self.num_new_active_requests,
-            "numActiveRequests": self.num_active_requests,
-            "numQueuedRequests": self.num_queued_requests,
-            "numCompletedRequests": self.num_completed_requests,
-            "maxNumActiveRequests": self.max_num_active_requests,
-            "maxBatchSizeStatic": self.max_batch_size_static,
-            "maxBatchSizeTunerRecommended": self.max_batch_size_static,
-            "maxBatchSizeRuntime": self.max_batch_size_static,
-            "maxNumTokensStatic": self.max_num_tokens_static,
-            "maxNumTokensTunerRecommended": self.max_num_tokens_static,
-            "maxNumTokensRuntime": self.max_num_tokens_static,
-            "gpuMemUsage": self.gpu_mem_usage,
-            "cpuMemUsage": self.cpu_mem_usage,
-            "pinnedMemUsage": self.pinned_mem_usage,
-            "kvCacheStats": self.kv_cache_stats.to_json_dict(),
-            "staticBatchingStats": None,
-            "inflightBatchingStats": self.inflight_batching_stats.to_json_dict(),
-            "specDecodingStats": None,
-        }
+        out = {"timestamp": self.timestamp, **_json_fields(self, _ITERATION_FIELDS)}
+        out["kvCacheStats"] = self.kv_cache_stats.to_json_dict()
+        out["inflightBatchingStats"] = self.inflight_batching_stats.to_json_dict()
+        # Fixed batch limits: the runtime and the tuner's values are the static ones.
+        for kind in ("maxBatchSize", "maxNumTokens"):
+            for variant in ("TunerRecommended", "Runtime"):
+                out[kind + variant] = out[kind + "Static"]
+        out["staticBatchingStats"] = out["specDecodingStats"] = None
         if include_twin and self.twin is not None:
             out["twin"] = self.twin.to_json_dict()
         return out

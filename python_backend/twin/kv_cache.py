@@ -132,18 +132,16 @@ class KvCacheManager:
     def stats(self) -> KvCacheStats:
         """The executor's KvCacheStats. Without prefix reuse every allocation is new; with
         reuse enabled every one is also a miss (the lookup found nothing)."""
+        return KvCacheStats(*self.stats_fields())
+
+    def stats_fields(self) -> tuple[int, int, int, int, int, int, int, int, float]:
+        """KvCacheStats' fields in declaration order (IterationStats builds it when read)."""
         total = self.alloc_total_blocks
-        return KvCacheStats(
-            max_num_blocks=self.max_num_blocks,
-            free_num_blocks=self.max_num_blocks - self.used_blocks,
-            used_num_blocks=self.used_blocks,
-            tokens_per_block=self.tokens_per_block,
-            alloc_total_blocks=total,
-            alloc_new_blocks=total,
-            reused_blocks=0,
-            missed_blocks=total if self.enable_block_reuse else 0,
-            cache_hit_rate=0.0,
-        )
+        missed = total if self.enable_block_reuse else 0
+        used = self.used_blocks
+        tpb = self.tokens_per_block
+        return (self.max_num_blocks, self.max_num_blocks - used, used, tpb, total, total, 0,
+                missed, 0.0)  # fmt: skip
 
     def check(self) -> None:
         """Raise KvCacheExhaustedError if an invariant does not hold (for tests and debugging)."""

@@ -10,7 +10,6 @@ when the true length fits, LENGTH when max_tokens cuts it.
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import Protocol
 
 from .executor_api import Request
@@ -25,7 +24,7 @@ AZURE_CONV_MU = math.log(AZURE_CONV_MEDIAN_TOKENS)
 AZURE_CONV_SIGMA = math.sqrt(2.0 * math.log(AZURE_CONV_MEAN_TOKENS / AZURE_CONV_MEDIAN_TOKENS))
 
 _MASK64 = (1 << 64) - 1
-_STANDARD_NORMAL = NormalDist()
+_TWO_PI = 2.0 * math.pi
 
 
 class LengthSampler(Protocol):
@@ -75,7 +74,10 @@ class LognormalLengths:
         return cls(seed, mu=math.log(median), sigma=math.sqrt(2.0 * math.log(mean / median)))
 
     def sample(self, request_id: int) -> int:
-        z = _STANDARD_NORMAL.inv_cdf(uniform01(self.seed, request_id))
+        # Box-Muller from two independent draws of the same (seed, id): a standard normal.
+        u1 = uniform01(self.seed, request_id)
+        u2 = uniform01(self.seed ^ 0x2545F4914F6CDD1D, request_id)
+        z = math.sqrt(-2.0 * math.log(u1)) * math.cos(_TWO_PI * u2)
         n = max(1, round(math.exp(self.mu + self.sigma * z)))
         return n if self.max_len is None else min(n, self.max_len)
 

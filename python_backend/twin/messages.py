@@ -20,7 +20,6 @@ import random
 from .errors import RequestError
 from .executor_api import (
     FinishReason,
-    InflightBatchingStats,
     IterationStats,
     KvCacheMetrics,
     Request,
@@ -31,7 +30,6 @@ from .executor_api import (
     Response,
     Result,
     TimingMetrics,
-    TwinIterationInfo,
 )
 from .gpu import ExecutedIteration
 from .kv_cache import KvCacheManager
@@ -240,22 +238,23 @@ class IterationStatsBuilder:
         latency_ms = (end - start) * 1e3
         power_w = executed.power_w * self.num_gpus  # ExecutedIteration's is per GPU
         limits = self.limits
+        # Positional, nested records as tuples: this runs once per simulated iteration.
         return IterationStats(
-            end_s=end,
-            epoch=self.epoch,
-            iter=batch.iteration - 1,
-            iter_latency_ms=latency_ms,
-            new_active_requests_queue_latency_ms=queue_latency_ms,
-            num_new_active_requests=num_new_active,
-            num_active_requests=num_active,
-            num_queued_requests=num_queued,
-            num_completed_requests=num_completed,
-            max_num_active_requests=limits.max_batch_size,
-            max_batch_size_static=limits.max_batch_size,
-            max_num_tokens_static=limits.max_num_tokens,
-            gpu_mem_usage=self.gpu_mem_bytes,
-            kv_cache_stats=self.kv.stats(),
-            inflight_batching_stats=InflightBatchingStats(
+            end,
+            self.epoch,
+            batch.iteration - 1,
+            latency_ms,
+            queue_latency_ms,
+            num_new_active,
+            num_active,
+            num_queued,
+            num_completed,
+            limits.max_batch_size,  # max_num_active_requests
+            limits.max_batch_size,  # max_batch_size_static
+            limits.max_num_tokens,  # max_num_tokens_static
+            self.gpu_mem_bytes,
+            self.kv.stats_fields(),
+            (
                 work.ctx_requests + work.gen_requests,  # num_scheduled_requests
                 work.ctx_requests,
                 work.gen_requests,
@@ -264,12 +263,5 @@ class IterationStatsBuilder:
                 0,  # micro_batch_id: no pipeline parallelism
                 1.0 if work.gen_requests else 0.0,  # no speculative decoding
             ),
-            twin=TwinIterationInfo(
-                start,
-                end,
-                executed.sm_clock_mhz,
-                power_w,
-                power_w * latency_ms,
-                executed.breakdown,
-            ),
+            (start, end, executed.sm_clock_mhz, power_w, power_w * latency_ms, executed.breakdown),
         )

@@ -88,12 +88,12 @@ class Sequence:
         self.true_len = true_len
         self.target_len = min(true_len, max_tokens)
         # The "model" emits its end token after true_len tokens; max_tokens may cut it first.
-        self.end_reason = FinishReason.END_ID if true_len <= max_tokens else FinishReason.LENGTH
+        self.end_reason = _END_ID if true_len <= max_tokens else _LENGTH
         self.streaming = streaming
         self.arrival_s = arrival_s
         self.payload = payload
-        self.phase = Phase.WAITING
-        self.finish_reason = FinishReason.NOT_FINISHED
+        self.phase = _WAITING
+        self.finish_reason = _NOT_FINISHED
         self.generated = 0  # tokens generated; while GENERATION: base + (iteration - join_iter)
         self.base = 0
         self.join_iter = 0
@@ -137,6 +137,12 @@ class StepOutcome:
 
 
 _NO_SEQS: list[Sequence] = []
+# Enum members read through their class cost ~0.13 us each; the hot paths use these aliases.
+_WAITING, _CONTEXT, _GENERATION, _FINISHED = Phase
+_NOT_FINISHED = FinishReason.NOT_FINISHED
+_END_ID = FinishReason.END_ID
+_LENGTH = FinishReason.LENGTH
+_CANCELLED = FinishReason.CANCELLED
 
 
 class Scheduler:
@@ -211,7 +217,7 @@ class Scheduler:
 
     def generated(self, seq: Sequence) -> int:
         """Tokens the request has generated so far."""
-        if seq.phase is Phase.GENERATION:
+        if seq.phase is _GENERATION:
             return seq.base + self._iter - seq.join_iter
         return seq.generated
 
@@ -239,7 +245,7 @@ class Scheduler:
         for seq_id in self._cancels:
             seq = self._seqs.get(seq_id)
             if seq is not None:  # a second cancel, or it finished meanwhile
-                self._finish(seq, FinishReason.CANCELLED)
+                self._finish(seq, _CANCELLED)
                 out.append(seq)
         self._cancels.clear()
         return out
@@ -329,15 +335,15 @@ class Scheduler:
                 if kv.blocks_for(seq.ctx_len) > kv.free_blocks:
                     break
             else:
+                # ctx_len < prompt + max_tokens: the promise covers the context's blocks.
                 reserve_tokens = seq.prompt_len + seq.max_tokens
-                need = max(kv.blocks_for(reserve_tokens), kv.blocks_for(seq.ctx_len))
-                if not kv.can_reserve(need):
+                if not kv.can_reserve(kv.blocks_for(reserve_tokens)):
                     break
             self._waiting.popleft()
             seq.blocks_allocated += kv.add_sequence(
                 seq.seq_id, seq.ctx_len, reserve_tokens=reserve_tokens
             )
-            seq.phase = Phase.CONTEXT
+            seq.phase = _CONTEXT
             seq.ctx_done = 0
             self._active[seq.seq_id] = seq
             self._ctx.append(seq)
@@ -372,7 +378,7 @@ class Scheduler:
         return chunks, total, pairs
 
     def _join_generation(self, seq: Sequence, n: int) -> None:
-        seq.phase = Phase.GENERATION
+        seq.phase = _GENERATION
         seq.join_iter = n
         seq.base = seq.generated
         seq.finish_iter = n + seq.target_len - seq.generated
@@ -391,14 +397,14 @@ class Scheduler:
 
     def _detach(self, seq: Sequence) -> None:
         """Take a request out of whatever structure its phase keeps it in, freeing its blocks."""
-        if seq.phase is Phase.GENERATION:
+        if seq.phase is _GENERATION:
             seq.generated = self.generated(seq)
             self._n_gen -= 1
             self._gen_kv_sum -= seq.prompt_len + seq.generated
             self._streaming_gen.pop(seq.seq_id, None)
-        elif seq.phase is Phase.CONTEXT:
+        elif seq.phase is _CONTEXT:
             self._ctx.remove(seq)
-        elif seq.phase is Phase.WAITING:
+        elif seq.phase is _WAITING:
             self._waiting.remove(seq)
         self._active.pop(seq.seq_id, None)
         self.kv.free(seq.seq_id)
@@ -406,7 +412,7 @@ class Scheduler:
 
     def _pause(self, seq: Sequence, n: int) -> None:
         self._detach(seq)
-        seq.phase = Phase.WAITING
+        seq.phase = _WAITING
         seq.ctx_len = seq.prompt_len + seq.generated
         seq.ctx_done = 0
         seq.num_pauses += 1
@@ -416,7 +422,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self._detach(seq)
-        seq.phase = Phase.FINISHED
+        seq.phase = _FINISHED
         seq.finish_reason = reason
         del self._seqs[seq.seq_id]
 
@@ -430,7 +436,7 @@ class Scheduler:
             problems.append("KV holders differ from the active requests")
         if len(self._active) > self._cap:
             problems.append(f"{len(self._active)} active requests, cap {self._cap}")
-        gens = [s for s in self._active.values() if s.phase is Phase.GENERATION]
+        gens = [s for s in self._active.values() if s.phase is _GENERATION]
         if len(gens) != self._n_gen:
             problems.append(f"{len(gens)} generating, counter says {self._n_gen}")
         kv_sum = sum(s.prompt_len + self.generated(s) for s in gens)

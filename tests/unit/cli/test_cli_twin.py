@@ -10,8 +10,22 @@ import pytest
 from throttllem.controller.cli import main
 from throttllem.controller.cli_twin import default_calibration_dir
 
-RUN = ["twin", "run", "--gpu", "A100-SXM4-40GB", "--model", "llama-3-8b", "--tp", "1",
-       "--batch", "8", "--prompt-tokens", "256", "--output-tokens", "32"]
+RUN = [
+    "twin",
+    "run",
+    "--gpu",
+    "A100-SXM4-40GB",
+    "--model",
+    "llama-3-8b",
+    "--tp",
+    "1",
+    "--batch",
+    "8",
+    "--prompt-tokens",
+    "256",
+    "--output-tokens",
+    "32",
+]
 
 
 def _run_json(capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, object]:
@@ -63,11 +77,16 @@ def test_clocks_lists_every_supported_clock(capsys: pytest.CaptureFixture[str]) 
     [
         (["--gpu", "V100"], "unknown GPU 'V100'; valid: A100-SXM4-40GB"),
         (["--model", "gpt-9"], "unknown model 'gpt-9'; valid: llama-3-8b"),
-        (["--model", "llama-2-70b"], "--tp 1: llama-2-70b does not fit 1 x A100-SXM4-40GB; "
-                                     "valid: 4, 8"),
+        (
+            ["--model", "llama-2-70b"],
+            "--tp 1: llama-2-70b does not fit 1 x A100-SXM4-40GB; valid: 4, 8",
+        ),
         (["--tp", "3"], "--tp 3: llama-3-8b does not fit"),
-        (["--clock-mhz", "1400"], "--clock-mhz 1400: not supported by A100-SXM4-40GB; "
-                                  "valid: 210..1410 MHz in steps of 15"),
+        (
+            ["--clock-mhz", "1400"],
+            "--clock-mhz 1400: not supported by A100-SXM4-40GB; "
+            "valid: 210..1410 MHz in steps of 15",
+        ),
         (["--batch", "0"], "--batch must be a positive whole number, got 0"),
         (["--prompt-tokens", "-5"], "--prompt-tokens must be a positive whole number, got -5"),
         (["--output-tokens", "0"], "--output-tokens must be a positive whole number, got 0"),

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from throttllem.backend.twin.calibration import CalibrationReport, fit_overhead, run_calibration
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

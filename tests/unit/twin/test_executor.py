@@ -7,6 +7,9 @@ import json
 
 import pytest
 from engine_builders import finals, make_engine, make_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from throttllem.backend.twin import executor_api
 from throttllem.backend.twin.errors import ExecutorShutdownError, RequestError
 from throttllem.backend.twin.executor_api import (
@@ -389,6 +392,73 @@ def test_public_api_names_exist() -> None:
     assert IterationStats.static_batching_stats is None
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.integers(1, 300),  # prompt
+            st.integers(1, 200),  # max_tokens
+            st.integers(1, 250),  # true length
+            st.booleans(),  # streaming
+            st.one_of(st.none(), st.integers(0, 150)),  # cancel after this many iterations
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    policy=st.sampled_from(["GUARANTEED_NO_EVICT", "MAX_UTILIZATION"]),
+    chunked=st.booleans(),
+)
+def test_every_request_ends_with_exactly_one_final_response(
+    requests: list[tuple[int, int, int, bool, int | None]], policy: str, chunked: bool
+) -> None:
+    eng = build_twin_engine(
+        max_num_blocks=12,
+        tokens_per_block=32,
+        policy=policy,
+        max_batch_size=6,
+        max_num_tokens=256,
+        enable_chunked_context=chunked,
+    ).executor
+    ids = {}
+    for prompt, max_tokens, true_len, streaming, cancel_at in requests:
+        req = make_request(prompt, max_tokens, out_len=true_len, streaming=streaming)
+        try:
+            ids[eng.enqueue_request(req)] = (req, cancel_at)
+        except RequestError:
+            continue  # over max_num_tokens without chunking, or over the KV cache
+    responses = []
+    it = 0
+    while True:
+        for rid, (_, cancel_at) in ids.items():
+            if cancel_at == it:
+                eng.cancel_request(rid)
+        stats = eng.step()
+        responses += eng.await_responses()
+        it += 1
+        if stats is None and it > 150:
+            break
+        if stats is not None:
+            kv = stats.kv_cache_stats
+            assert 0 <= kv.used_num_blocks <= kv.max_num_blocks == 12
+    done = finals(responses)
+    assert set(done) == set(ids)
+    assert eng.kv.used_blocks == 0
+    for rid, (req, _) in ids.items():
+        final = done[rid].result
+        mine = [r for r in responses if r.request_id == rid]
+        assert mine[-1] is done[rid]  # nothing after the final response
+        reason = final.finish_reasons[0]
+        if req.streaming:
+            n = sum(len(r.result.output_token_ids[0]) for r in mine)
+        else:
+            n = len(final.output_token_ids[0]) - len(req.input_token_ids)
+        expected = min(req.max_tokens, req.twin_output_len or 0)
+        if reason is FinishReason.CANCELLED:
+            assert n <= expected
+        else:
+            assert n == expected
+
+
 # ---------------------------------------------------------------------- real time
 
 
@@ -419,6 +489,16 @@ def test_real_time_engine_answers_while_callers_wait() -> None:
     finally:
         eng.shutdown()
     assert eng._thread is None  # joined
+
+
+def test_await_without_timeout_blocks_until_a_response_in_real_time() -> None:
+    eng = build_twin_engine(mode="realtime", speedup=1000.0).executor
+    try:
+        rid = eng.enqueue_request(make_request(max_tokens=2, out_len=2))
+        got = eng.await_responses()  # no timeout: waits for the first response
+        assert [r.request_id for r in got] == [rid]
+    finally:
+        eng.shutdown()
 
 
 def test_real_time_cancel_and_shutdown() -> None:

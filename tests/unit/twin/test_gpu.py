@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from throttllem.backend.twin.engine_profile import engine_profile
 from throttllem.backend.twin.errors import (
     NVML_ERROR_INVALID_ARGUMENT,

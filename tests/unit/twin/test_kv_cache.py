@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from throttllem.backend.twin.errors import KvCacheExhaustedError
 from throttllem.backend.twin.kv_cache import KvCacheManager
 

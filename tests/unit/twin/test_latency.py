@@ -6,6 +6,7 @@ import itertools
 import time
 
 import pytest
+
 from throttllem.backend.twin.engine_profile import (
     DEFAULT_PROFILE_NAME,
     NO_OVERHEAD,

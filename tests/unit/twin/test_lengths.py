@@ -4,6 +4,7 @@ import statistics
 
 import pytest
 from engine_builders import make_request
+
 from throttllem.backend.twin.lengths import (
     AZURE_CONV_MEAN_TOKENS,
     AZURE_CONV_MEDIAN_TOKENS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from throttllem.backend.twin.engine_profile import NO_OVERHEAD
 from throttllem.backend.twin.hardware import GpuSpec, default_catalog
 from throttllem.backend.twin.iteration import IterationWork

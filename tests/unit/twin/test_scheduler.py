@@ -4,6 +4,7 @@ import pytest
 from engine_builders import GNE, MAX_UTIL, drive, make_scheduler, make_seq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from throttllem.backend.twin.errors import ConfigurationError
 from throttllem.backend.twin.executor_api import CapacitySchedulerPolicy, FinishReason
 from throttllem.backend.twin.scheduler import Phase, Scheduler, Sequence
