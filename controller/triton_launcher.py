@@ -26,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -258,11 +259,17 @@ class TritonServer:
         finally:
             log.close()
 
-    def log_tail(self, lines: int = 15) -> str:
+    def log_tail(self, lines: int = 8) -> str:
+        """Triton's error lines (the last `lines`), else the log's last lines."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return ""
+        errors = [
+            line for line in text
+            if line.startswith("E") and "CudaDriverHelper" not in line and "Cuda" not in line
+        ]  # fmt: skip
+        return "\n".join((errors or text)[-lines:])
 
     def _get(self, path: str) -> int:
         url = f"http://{self.http_url}{path}"
@@ -274,11 +281,18 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return 0
 
-    def wait_ready(self, timeout_s: float = 120.0, models: tuple[str, ...] = (LLM_MODEL,)) -> None:
-        """Poll readiness until `timeout_s`; TritonError with the log's tail when Triton exits
-        or stays unready."""
+    def wait_ready(
+        self,
+        timeout_s: float = 120.0,
+        models: tuple[str, ...] = (LLM_MODEL,),
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Poll readiness until `timeout_s` (or until `cancel` is set: returns at once);
+        TritonError with the log's error lines when Triton exits or stays unready."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                return
             if self.process is not None and self.process.poll() is not None:
                 raise TritonError(
                     f"tritonserver exited with status {self.process.returncode} before it was "

@@ -1,0 +1,171 @@
+"""`throttllem serve`: a real Triton server with throttllem's model repository, until Ctrl-C.
+
+    throttllem serve --engine twin --gpu A100-SXM4-40GB --model llama-3-8b
+    throttllem serve --engine tensorrtllm --engine-dir /engines/llama3 --tokenizer-dir /hf/llama3
+
+Finds tritonserver ($TRITONSERVER, /opt/tritonserver, else the nvidia-pytriton CPU bundle), fills
+the model repository into a temporary folder, starts Triton on 127.0.0.1 (ports configurable),
+waits for readiness and prints the endpoints, including each instance's telemetry endpoint.
+SIGINT or SIGTERM stops Triton and its model processes; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from throttllem.backend.telemetry.discovery import discover
+
+from .triton_launcher import (
+    Ports,
+    RepositorySpec,
+    TritonError,
+    TritonServer,
+    build_repository,
+    find_triton,
+    source_model_repository,
+)
+
+EXIT_USAGE = 2
+EXIT_TRITON = 3
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run Triton with the throttllem model repository")
+    p.add_argument("--engine", choices=("twin", "tensorrtllm"), default="twin")
+    p.add_argument("--gpu", default="A100-SXM4-40GB", help="twin: GPU preset name or file")
+    p.add_argument("--model", default="llama-3-8b", help="twin: model preset name or file")
+    p.add_argument("--tp", type=int, default=1, help="twin: tensor-parallel size")
+    p.add_argument("--speedup", type=float, default=1.0, help="twin: simulated s per wall s")
+    p.add_argument("--seed", type=int, default=0, help="twin: seed")
+    p.add_argument("--engine-dir", help="tensorrtllm: the TensorRT-LLM engine directory")
+    p.add_argument("--tokenizer-dir", help="Hugging Face tokenizer folder for the text path")
+    p.add_argument("--instances", type=int, default=1, help="tensorrt_llm model instances")
+    p.add_argument("--host", default="127.0.0.1", help="address Triton binds (default loopback)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument(
+        "--telemetry-port",
+        type=int,
+        default=0,
+        help="base telemetry port: instance k listens on BASE+k (0: free ports)",
+    )
+    p.add_argument(
+        "--registry-dir",
+        type=Path,
+        default=None,
+        help="telemetry registry folder (default: inside the work folder)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra tensorrt_llm config parameter (repeatable)",
+    )
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="throttllem model repository to start from (default: the source tree's)",
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="keep the filled repository here")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds (default 300)")
+    p.set_defaults(handler=run_serve)  # fmt: skip
+
+
+def repository_spec(args: argparse.Namespace, registry: Path) -> RepositorySpec:
+    params: dict[str, str] = {
+        "engine": args.engine,
+        "exclude_input_in_output": "true",
+        "telemetry_registry_dir": str(registry),
+        "telemetry_port": str(args.telemetry_port),
+    }
+    if args.engine == "twin":
+        params.update(
+            twin_gpu=args.gpu, twin_model=args.model, twin_tp=str(args.tp),
+            twin_speedup=repr(args.speedup), twin_seed=str(args.seed),
+        )  # fmt: skip
+    elif not args.engine_dir:
+        raise ValueError("--engine tensorrtllm needs --engine-dir")
+    else:
+        params["engine_dir"] = str(args.engine_dir)
+    if args.tokenizer_dir:
+        params["tokenizer_dir"] = str(args.tokenizer_dir)
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        params[key] = value
+    if args.instances < 1:
+        raise ValueError(f"--instances must be >= 1, got {args.instances}")
+    return RepositorySpec(parameters=params, instances=args.instances)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    owned = args.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="throttllem-serve-")) if owned else args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    registry = args.registry_dir or work / "registry"
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server: TritonServer | None = None
+    try:
+        try:
+            spec = repository_spec(args, registry)
+        except ValueError as e:
+            print(f"throttllem serve: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            install = find_triton(work)
+            repo = build_repository(args.model_repository or source_model_repository(),
+                                    work / "models", spec)  # fmt: skip
+            ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+            server = TritonServer(repo, work_dir=work, ports=ports, host=args.host,
+                                  install=install)  # fmt: skip
+            print(f"throttllem serve: starting {install.binary} ({install.source}); "
+                  f"log {server.log_path}", flush=True)  # fmt: skip
+            server.start()
+            server.wait_ready(args.ready_timeout, cancel=stop)
+        except TritonError as e:
+            print(f"throttllem serve: error: {e}", file=sys.stderr)
+            return EXIT_TRITON
+        if stop.is_set():
+            return 0
+        _print_ready(server, registry)
+        while not stop.wait(0.5):
+            if not server.running():
+                print(f"throttllem serve: tritonserver exited unexpectedly "
+                      f"(log {server.log_path}):\n{server.log_tail()}", file=sys.stderr)  # fmt: skip
+                return EXIT_TRITON
+        print("throttllem serve: stopping", flush=True)
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if owned:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_ready(server: TritonServer, registry: Path) -> None:
+    print(f"throttllem serve: ready. HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
+          f"metrics http://{server.host}:{server.ports.metrics}/metrics", flush=True)  # fmt: skip
+    for entry in discover(registry):
+        control = ", GPU control" if entry.gpu_control else ""
+        print(f"  telemetry {entry.model_name}/{entry.instance_name}: {entry.endpoint} "
+              f"({entry.engine_kind}{control})", flush=True)  # fmt: skip
+    print(f"  registry {registry}   Ctrl-C to stop", flush=True)
