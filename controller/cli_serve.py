@@ -147,8 +147,9 @@ def run_serve(args: argparse.Namespace) -> int:
         _print_ready(server, registry)
         while not stop.wait(0.5):
             if not server.running():
+                tail = server.log_tail()
                 print(f"throttllem serve: tritonserver exited unexpectedly "
-                      f"(log {server.log_path}):\n{server.log_tail()}", file=sys.stderr)  # fmt: skip
+                      f"(log {server.log_path}):\n{tail}", file=sys.stderr)  # fmt: skip
                 return EXIT_TRITON
         print("throttllem serve: stopping", flush=True)
         return 0

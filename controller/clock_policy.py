@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .ips_table import IpsTable, PreparedWork
-from .projection import Projection
+from .projection import Projection, with_expected_arrivals
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -55,6 +55,7 @@ class _Check:
     tightest: str | None
     negative: tuple[str, ...]
     first_iteration_s: float
+    hopeless: tuple[str, ...] = ()  # late even at this clock by more than HOPELESS_FRACTION
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _check(
     proj: Projection,
     table: IpsTable,
     clock_index: int,
-    margin_s: float,
+    margin: Margin,
     work: PreparedWork,
     cons: _Constraints,
     name_losses: bool = False,
@@ -124,15 +125,49 @@ def _check(
     if proj.horizon == 0 or not cons.ids:
         return _Check(float("inf"), None, (), 0.0)
     tau = table.seconds_prepared(clock_index, work)
+    stretch = 1.0 + margin.fraction
     t = np.empty(tau.shape[0] + 1)
     t[0] = 0.0
     np.cumsum(tau, out=t[1:])
-    slack = cons.base_s - t.take(cons.end) + t.take(cons.start) - margin_s
+    span = t.take(cons.end) - t.take(cons.start)
+    slack = cons.base_s - span * stretch - margin.seconds
     worst = int(np.argmin(slack))
     negative: tuple[str, ...] = ()
+    hopeless: tuple[str, ...] = ()
     if name_losses:
         negative = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(slack < 0)[0]))
-    return _Check(float(slack[worst]), cons.ids[worst], negative, float(tau[0]))
+        far = slack < -HOPELESS_FRACTION * span
+        hopeless = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(far)[0]))
+    return _Check(float(slack[worst]), cons.ids[worst], negative, float(tau[0]), hopeless)
+
+
+# A request late even at max clock by more than this share of the time it still needs is given
+# up (left out of the choice); one late by less is still worth the maximum clock.
+HOPELESS_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class ArrivalForecast:
+    """Requests expected to arrive while those in flight run: their prefills will stall the
+    decoding of everyone in flight, and more so at a low clock (prefill is compute-bound)."""
+
+    rate_per_s: float = 0.0
+    mean_prompt_tokens: float = 0.0
+    mean_output_tokens: float = 0.0
+    iteration_s: float = 0.0  # recent mean iteration time: turns the rate into per iteration
+
+    @property
+    def per_iteration(self) -> float:
+        return self.rate_per_s * self.iteration_s
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Slack every request must keep: a fraction of the time still to run (the projection and
+    the model err in proportion to it) plus a fixed part."""
+
+    fraction: float = 0.05
+    seconds: float = 0.05
 
 
 def choose_clock(
@@ -141,41 +176,89 @@ def choose_clock(
     deadlines: RequestDeadlines,
     table: IpsTable,
     *,
-    margin_s: float = 0.0,
+    margin: Margin | None = None,
+    lost_fallback: str = "ignore",
+    forecast: ArrivalForecast | None = None,
+    energy_floor: bool = True,
 ) -> ClockChoice:
-    """The lowest supported clock meeting every SLO; the maximum when some request is lost."""
+    """The lowest supported clock meeting every SLO that can still be met.
+
+    A request that misses an SLO even at maximum clock is lost whatever the clock. With
+    `lost_fallback="max"` (the paper's rule) its presence sends the clock to maximum. With
+    "ignore" (the default) only a request that is nearly saved keeps the clock at maximum; one
+    late by more than HOPELESS_FRACTION of its remaining time is left out of the choice, so a
+    hopeless request does not hold every other request at maximum clock for its whole life.
+    """
+    if lost_fallback not in ("ignore", "max"):
+        raise ValueError(f"lost_fallback must be 'ignore' or 'max', got {lost_fallback!r}")
+    margin = margin or Margin()
+    if forecast is not None and forecast.per_iteration > 0:
+        proj = with_expected_arrivals(
+            proj,
+            forecast.per_iteration,
+            forecast.mean_prompt_tokens,
+            forecast.mean_output_tokens,
+            table.tokens_per_block,
+        )
     clocks = table.clocks_mhz
     top = len(clocks) - 1
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
     cons = _constraints(now_s, proj, deadlines)
-    at_max = _check(proj, table, top, margin_s, work, cons, name_losses=True)
-    if at_max.min_slack_s < 0:
+    at_max = _check(proj, table, top, margin, work, cons, name_losses=True)
+    lost = at_max.negative
+    nearly = tuple(r for r in lost if r not in set(at_max.hopeless))
+    if (lost and lost_fallback == "max") or nearly:
         return ClockChoice(
             int(clocks[top]),
-            f"max: {len(at_max.negative)} request(s) miss an SLO even at max clock",
+            f"max: {len(lost)} request(s) miss an SLO even at max clock"
+            + (f" ({len(nearly)} nearly saved)" if nearly and lost_fallback != "max" else ""),
             at_max.min_slack_s,
             at_max.tightest,
             1.0 / max(at_max.first_iteration_s, 1e-9),
-            at_max.negative,
+            lost,
         )
+    if lost:
+        lost_set = set(lost)
+        keep = np.array([i not in lost_set for i in cons.ids], dtype=bool)
+        cons = _Constraints(
+            cons.base_s[keep],
+            cons.end[keep],
+            cons.start[keep],
+            tuple(i for i, k in zip(cons.ids, keep, strict=True) if k),
+        )
+        at_max = _check(proj, table, top, margin, work, cons)
     lo, hi, best = 0, top, at_max
     while lo < hi:
         mid = (lo + hi) // 2
-        result = _check(proj, table, mid, margin_s, work, cons)
+        result = _check(proj, table, mid, margin, work, cons)
         if result.min_slack_s >= 0:
             hi, best = mid, result
         else:
             lo = mid + 1
+    chosen = lo
     if proj.horizon == 0:
         reason = "idle: nothing in flight"
     else:
         reason = f"lowest clock meeting every SLO; tightest {best.tightest}"
+        if energy_floor and table.has_power:
+            # Below the energy-optimal clock a run lasts longer than it saves: never go there.
+            energy = table.energy_per_iteration_j(int(proj.batch[0]), int(proj.kv_blocks[0]))
+            optimal = lo + int(np.argmin(energy[lo:]))
+            if optimal > lo:
+                chosen = optimal
+                reason = (
+                    f"energy-optimal clock (SLOs allow {int(clocks[lo])} MHz); "
+                    f"tightest {best.tightest}"
+                )
+        if lost:
+            reason += f"; {len(lost)} request(s) lost even at max clock, left out"
     return ClockChoice(
-        int(clocks[lo]),
+        int(clocks[chosen]),
         reason,
         best.min_slack_s,
         best.tightest,
         1.0 / max(best.first_iteration_s, 1e-9) if proj.horizon else 0.0,
+        lost,
     )
 
 

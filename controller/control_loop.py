@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .clock_policy import ClockGovernor, GovernorConfig, choose_clock
+from .clock_policy import ClockGovernor, GovernorConfig, Margin, choose_clock
 from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
 from .ips_table import IpsTable
 from .projection import EngineLimits, project
@@ -30,7 +30,9 @@ class ClockActuator(Protocol):
 @dataclass
 class ControllerConfig:
     decision_period_s: float = 0.1
-    margin_s: float = 0.0  # slack every request must keep beyond its deadline
+    margin: Margin = field(default_factory=Margin)
+    lost_fallback: str = "ignore"  # or "max", the paper's rule (see clock_policy.choose_clock)
+    forecast: bool = True  # reserve time for the prefills of requests still to come
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     keep_decisions: int = 10_000
 
@@ -103,7 +105,13 @@ class InstanceController:
         inputs = self.scoreboard.decision_inputs()
         proj = project(inputs.running, inputs.queued, self.limits)
         choice = choose_clock(
-            now_s, proj, inputs.deadlines, self.table, margin_s=self.config.margin_s
+            now_s,
+            proj,
+            inputs.deadlines,
+            self.table,
+            margin=self.config.margin,
+            lost_fallback=self.config.lost_fallback,
+            forecast=self.scoreboard.forecast(now_s) if self.config.forecast else None,
         )
         applied = self.governor.apply(now_s, choice)
         if applied is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .perf_model import FEATURES, PerformanceModel
+from .perf_model import FEATURES, PerformanceModel, PowerPredictor
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -43,7 +43,9 @@ class IpsTable:
         max_batch: int,
         kv_capacity_blocks: int,
         kv_points: int = 64,
+        tokens_per_block: int = 64,
     ) -> None:
+        self.tokens_per_block = tokens_per_block
         self.clocks_mhz = np.array(sorted(clocks_mhz), dtype=np.int64)
         self.max_batch = max_batch
         self.kv_capacity = max(kv_capacity_blocks, 1)
@@ -66,6 +68,9 @@ class IpsTable:
             self.coarse_kv = np.append(self.coarse_kv, self.kv_grid[-1])
         self.ctx_grid = np.array(CTX_LEVELS, dtype=np.int64)
         self._ctx = self._sample(model, tp, self.coarse_batch, self.coarse_kv, self.ctx_grid)
+        self._power: FloatArray | None = None
+        if isinstance(model, PowerPredictor) and model.has_power():
+            self._power = self._sample_power(model, tp)
         n_clocks = len(self.clocks_mhz)
         self._gen_flat = np.ascontiguousarray(self._gen.reshape(n_clocks, -1))
         self._ctx_flat = np.ascontiguousarray(self._ctx.reshape(n_clocks, -1))
@@ -87,6 +92,30 @@ class IpsTable:
         # higher clock to be slower than a lower one.
         ips = np.maximum.accumulate(ips, axis=0)
         return 1.0 / np.maximum(ips, 1e-9)
+
+    def _sample_power(self, model: PowerPredictor, tp: int) -> FloatArray:
+        grid = np.meshgrid(self.clocks_mhz, self.batch_grid, self.kv_grid, indexing="ij")
+        columns = {
+            "sm_clock_mhz": grid[0],
+            "batch_size": np.maximum(grid[1], 1),
+            "kv_blocks": grid[2],
+            "ctx_tokens": np.zeros_like(grid[0]),
+            "tp": np.full_like(grid[0], tp),
+        }
+        x = np.column_stack([columns[name].ravel() for name in FEATURES]).astype(np.float64)
+        return model.predict_power_w(x).reshape(grid[0].shape)
+
+    @property
+    def has_power(self) -> bool:
+        return self._power is not None
+
+    def energy_per_iteration_j(self, batch: int, kv: int) -> FloatArray:
+        """Energy of one decoding iteration at every clock (clocks ascending); needs power."""
+        if self._power is None:
+            raise ValueError("this performance model does not predict power")
+        b = int(np.searchsorted(self.batch_grid, min(batch, self.max_batch)))
+        k = int(self._kv_index(self.kv_grid, np.array([kv]))[0])
+        return self._power[:, b, k] * self._gen[:, b, k]
 
     def _kv_index(self, grid: IntArray, kv: IntArray) -> IntArray:
         return np.minimum(np.searchsorted(grid, kv, side="left"), len(grid) - 1)

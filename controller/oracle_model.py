@@ -1,4 +1,5 @@
-"""A performance model that asks the twin's own latency function: the clairvoyant bound.
+"""A performance model that asks the twin's own latency and power functions: the clairvoyant
+bound.
 
 Used by the `oracle` evaluation policy and by benchmarks that need a model without training
 one. Not for real GPUs: it knows the twin's physics exactly.
@@ -12,6 +13,7 @@ from throttllem.backend.twin.engine_profile import engine_profile
 from throttllem.backend.twin.hardware import GpuSpec, ModelSpec
 from throttllem.backend.twin.iteration import IterationWork
 from throttllem.backend.twin.latency import LatencyModel
+from throttllem.backend.twin.power import PowerModel
 
 from .perf_model import FEATURES, FloatArray
 
@@ -28,10 +30,23 @@ class TwinOracleModel:
         profile: str = "tensorrt-llm",
     ) -> None:
         self.latency = LatencyModel(gpu, model, tp, engine_profile(profile))
+        self.power = PowerModel(gpu)
+        self.tp = tp
         self.tokens_per_block = tokens_per_block
 
     def predict_ips(self, features: FloatArray) -> FloatArray:
+        return self._predict(features)[0]
+
+    def has_power(self) -> bool:
+        return True
+
+    def predict_power_w(self, features: FloatArray) -> FloatArray:
+        """Mean power of the engine (all its GPUs) during such an iteration."""
+        return self._predict(features)[1]
+
+    def _predict(self, features: FloatArray) -> tuple[FloatArray, FloatArray]:
         out = np.empty(features.shape[0])
+        power = np.empty(features.shape[0])
         tpb = self.tokens_per_block
         for i, row in enumerate(features):
             batch = max(int(row[_COL["batch_size"]]), 1)
@@ -47,6 +62,13 @@ class TwinOracleModel:
                 gen_requests=gen,
                 gen_kv_tokens=kv_tokens if gen else 0,
             )
-            ms = self.latency.at(work, float(row[_COL["sm_clock_mhz"]])).total_ms
-            out[i] = 1000.0 / ms
-        return out
+            clock = float(row[_COL["sm_clock_mhz"]])
+            b = self.latency.at(work, clock)
+            out[i] = 1000.0 / b.total_ms
+            power[i] = (
+                self.tp
+                * self.power.iteration_w(
+                    clock, b.sm_activity, b.dram_activity, b.gpu_ms, b.overhead_ms
+                )[0]
+            )
+        return out, power

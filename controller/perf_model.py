@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,16 @@ FEATURES = ("sm_clock_mhz", "batch_size", "kv_blocks", "ctx_tokens", "tp")
 TARGET = "ips"
 
 FloatArray = npt.NDArray[np.float64]
+
+
+@runtime_checkable
+class PowerPredictor(Protocol):
+    """A performance model that also knows power: lets the policy avoid clocks so low that the
+    run takes longer than it saves (below the energy-optimal clock, static power dominates)."""
+
+    def has_power(self) -> bool: ...
+
+    def predict_power_w(self, features: FloatArray) -> FloatArray: ...
 
 
 class PerformanceModel(Protocol):

@@ -143,3 +143,39 @@ def project(running: RunningRequests, queued: QueuedRequests, limits: EngineLimi
         queued_first_iter=q_first,
         queued_last_iter=q_last,
     )
+
+
+def with_expected_arrivals(
+    proj: Projection,
+    per_iteration: float,
+    prompt_tokens: float,
+    output_tokens: float,
+    tokens_per_block: int,
+) -> Projection:
+    """The projection with the requests still to come added as a steady stream.
+
+    `per_iteration` requests arrive each iteration (rate x iteration time), each with the mean
+    prompt and output length. They join the batch, hold KV blocks and add prefill tokens to every
+    iteration, which is what slows those in flight; they are not tracked one by one. Without
+    them, the projection sees the batch drain to nothing, and a long request's future iterations
+    look faster than they will be.
+    """
+    if per_iteration <= 0 or proj.horizon == 0:
+        return proj
+    t = np.arange(proj.horizon, dtype=np.float64)
+    age = np.minimum(t, max(output_tokens, 1.0))  # iterations of arrivals still generating
+    count = per_iteration * age
+    blocks = (
+        per_iteration
+        * (age * (prompt_tokens + 0.5 * tokens_per_block) + age * age / 2.0)
+        / tokens_per_block
+    )
+    ctx = np.full(proj.horizon, per_iteration * prompt_tokens)
+    return Projection(
+        batch=proj.batch + np.rint(count).astype(np.int64),
+        kv_blocks=proj.kv_blocks + np.rint(blocks).astype(np.int64),
+        ctx_tokens=proj.ctx_tokens + np.rint(ctx).astype(np.int64),
+        running_last_iter=proj.running_last_iter,
+        queued_first_iter=proj.queued_first_iter,
+        queued_last_iter=proj.queued_last_iter,
+    )

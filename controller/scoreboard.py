@@ -9,17 +9,21 @@ by the exact count a finished event carries.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from .clock_policy import RequestDeadlines
+from .clock_policy import ArrivalForecast, RequestDeadlines
 from .events import Arrived, Finish, Finished, FirstToken, InFlight, Iteration, Slo
 from .length_predictor import LengthPredictor
 from .projection import QueuedRequests, RunningRequests
 
 INF = math.inf
+# Arrivals remembered for the forecast, and the shortest span a rate is measured over.
+FORECAST_WINDOW_S = 30.0
+FORECAST_MIN_SPAN_S = 5.0
 
 
 @dataclass
@@ -61,11 +65,14 @@ class Scoreboard:
         self.requests: dict[int, TrackedRequest] = {}
         self.outcomes_met = 0
         self.outcomes_total = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (arrival, prompt tokens)
+        self._iteration_s = 0.0
 
     def __len__(self) -> int:
         return len(self.requests)
 
     def on_arrived(self, ev: Arrived) -> None:
+        self._recent.append((ev.time_s, ev.prompt_tokens))
         predicted = self.predictor.predict(ev.prompt_tokens, ev.max_tokens, 0, ev.length_hint)
         self.requests[ev.request_id] = TrackedRequest(
             ev.request_id,
@@ -84,6 +91,8 @@ class Scoreboard:
             req.generated = max(req.generated, ev.tokens)
 
     def on_iteration(self, ev: Iteration) -> None:
+        # Recent mean iteration time (EWMA over ~100 iterations).
+        self._iteration_s += (ev.latency_s - self._iteration_s) * 0.01
         for req in self.requests.values():
             if req.first_token_s is not None and req.first_token_s < ev.time_s:
                 req.generated = min(req.generated + 1, req.max_tokens)
@@ -137,6 +146,22 @@ class Scoreboard:
                 generated=r.output_tokens,
                 first_token_s=r.first_token_s,
             )
+
+    def forecast(self, now_s: float) -> ArrivalForecast:
+        """Arrival rate and mean prompt over the last FORECAST_WINDOW_S seconds."""
+        while self._recent and self._recent[0][0] < now_s - FORECAST_WINDOW_S:
+            self._recent.popleft()
+        if not self._recent:
+            return ArrivalForecast()
+        span = max(now_s - self._recent[0][0], FORECAST_MIN_SPAN_S)
+        prompts = sum(p for _, p in self._recent)
+        mean_prompt = prompts / len(self._recent)
+        return ArrivalForecast(
+            len(self._recent) / span,
+            mean_prompt,
+            float(self.predictor.predict(int(mean_prompt), 1 << 20)),
+            self._iteration_s,
+        )
 
     def attainment(self) -> float:
         return self.outcomes_met / self.outcomes_total if self.outcomes_total else 1.0

@@ -124,6 +124,16 @@ def find_triton(work_dir: Path) -> TritonInstall:
     return _bundle_install(work_dir)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the thread that started us dies (Linux), so a
+    killed launcher leaves no server behind."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -253,6 +263,7 @@ class TritonServer:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True, cwd=self.work_dir,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )  # fmt: skip
         except OSError as e:
             raise TritonError(f"cannot run {self.install.binary}: {e}") from e

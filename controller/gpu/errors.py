@@ -128,10 +128,6 @@ def translate(error: Exception, context: str = "") -> GpuError:
     return cls(message, code)
 
 
-# The vendor exceptions `translate` understands, for `except VENDOR_ERRORS as e:`.
-VENDOR_ERRORS: tuple[type[Exception], ...] = (pynvml.NVMLError, TwinNvmlError)
-
-
 def error_for_kind(kind: str, message: str, code: int | None = None) -> GpuError:
     """Rebuild an error the clock daemon sent by its `kind` (unknown kinds: plain GpuError)."""
     return _BY_KIND.get(kind, GpuError)(message, code)

@@ -9,6 +9,7 @@ from throttllem.controller.clock_policy import (
     ClockChoice,
     ClockGovernor,
     GovernorConfig,
+    Margin,
     RequestDeadlines,
     choose_clock,
 )
@@ -40,6 +41,7 @@ class AnalyticModel:
 
 LIMITS = EngineLimits(max_batch_size=64, kv_capacity_blocks=2000, tokens_per_block=64)
 TABLE = IpsTable(AnalyticModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000)
+EXACT = Margin(fraction=0.0, seconds=0.0)
 
 
 def _scenario(
@@ -94,7 +96,7 @@ def test_loose_deadlines_choose_the_lowest_clock() -> None:
 
 def test_the_choice_is_the_lowest_clock_that_meets_the_deadline() -> None:
     proj, dl = _scenario(e2e_s=1.5)
-    choice = choose_clock(0.0, proj, dl, TABLE)
+    choice = choose_clock(0.0, proj, dl, TABLE, margin=EXACT)
     assert 210 < choice.clock_mhz < 1410
     # Feasible at the chosen clock, infeasible one step lower (by the model itself, no table).
     assert _time_to_finish(choice.clock_mhz, proj) <= 1.5 + 1e-9
@@ -102,17 +104,38 @@ def test_the_choice_is_the_lowest_clock_that_meets_the_deadline() -> None:
 
 
 def test_a_tighter_deadline_needs_a_higher_clock() -> None:
-    loose = choose_clock(0.0, *_scenario(e2e_s=1.8), TABLE)
-    tight = choose_clock(0.0, *_scenario(e2e_s=1.3), TABLE)
+    loose = choose_clock(0.0, *_scenario(e2e_s=1.8), TABLE, margin=EXACT)
+    tight = choose_clock(0.0, *_scenario(e2e_s=1.3), TABLE, margin=EXACT)
     assert tight.clock_mhz > loose.clock_mhz
 
 
-def test_a_lost_request_sends_the_clock_to_maximum_and_is_named() -> None:
-    choice = choose_clock(0.0, *_scenario(e2e_s=0.1), TABLE)
+def test_the_default_margin_keeps_slack_in_proportion_to_the_time_left() -> None:
+    proj, dl = _scenario(e2e_s=1.5)
+    exact = choose_clock(0.0, proj, dl, TABLE, margin=EXACT)
+    safe = choose_clock(0.0, proj, dl, TABLE)
+    assert safe.clock_mhz > exact.clock_mhz
+    assert _time_to_finish(safe.clock_mhz, proj) * 1.05 + 0.05 <= 1.5 + 1e-9
+
+
+def test_a_lost_request_sends_the_clock_to_maximum_under_the_paper_rule() -> None:
+    choice = choose_clock(0.0, *_scenario(e2e_s=0.1), TABLE, lost_fallback="max")
     assert choice.clock_mhz == 1410
     assert choice.min_slack_s < 0
     assert set(choice.lost_requests) == {f"r{i}" for i in range(16)}
     assert choice.reason.startswith("max:")
+
+
+def test_by_default_a_lost_request_is_left_out_and_the_rest_still_throttle() -> None:
+    proj, dl = _scenario(e2e_s=1000.0)
+    late = np.array(dl.running_e2e_deadline_s)
+    late[3] = 0.1  # hopeless even at max clock
+    dl = RequestDeadlines(**{**dl.__dict__, "running_e2e_deadline_s": late})
+    choice = choose_clock(0.0, proj, dl, TABLE)
+    assert choice.lost_requests == ("r3",)
+    assert choice.clock_mhz == 210
+    assert "left out" in choice.reason
+    with pytest.raises(ValueError, match="lost_fallback"):
+        choose_clock(0.0, proj, dl, TABLE, lost_fallback="pray")
 
 
 def test_tbt_target_binds_like_a_deadline() -> None:
@@ -123,15 +146,15 @@ def test_tbt_target_binds_like_a_deadline() -> None:
 
 
 def test_queued_ttft_binds() -> None:
-    proj, dl = _scenario(e2e_s=1000.0, n=64, remaining=30, queued=2, ttft_s=0.33)
-    choice = choose_clock(0.0, proj, dl, TABLE)
+    proj, dl = _scenario(e2e_s=1000.0, n=64, remaining=30, queued=2, ttft_s=0.4)
+    choice = choose_clock(0.0, proj, dl, TABLE, margin=EXACT)
     assert choice.clock_mhz > 210
     assert choice.tightest_request in {"q0", "q1"}
 
 
 def test_margin_raises_the_clock() -> None:
-    plain = choose_clock(0.0, *_scenario(e2e_s=2.0), TABLE)
-    margin = choose_clock(0.0, *_scenario(e2e_s=2.0), TABLE, margin_s=0.4)
+    plain = choose_clock(0.0, *_scenario(e2e_s=2.0), TABLE, margin=EXACT)
+    margin = choose_clock(0.0, *_scenario(e2e_s=2.0), TABLE, margin=Margin(0.0, 0.4))
     assert margin.clock_mhz > plain.clock_mhz
 
 

@@ -1,0 +1,105 @@
+"""Per-policy figures from a simulation, the comparison table and the JSON keys tools read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..events import Slo
+from .simulator import SimResult
+
+
+@dataclass(frozen=True)
+class PolicySummary:
+    energy_j: float
+    tokens_per_joule: float
+    energy_saving_vs_max: float | None
+    slo_attainment: float
+    p50_ttft_ms: float
+    p99_ttft_ms: float
+    mean_tbt_ms: float
+    p99_tbt_ms: float
+    p99_e2e_ms: float
+    clock_changes: int
+    requests: int
+    output_tokens: int
+    span_s: float
+
+    def to_json(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+def _pct(values: npt.NDArray[np.float64], q: float) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.percentile(values, q)) if values.size else math.nan
+
+
+def attainment_mask(r: SimResult, slo: Slo) -> npt.NDArray[np.bool_]:
+    """Per request: met every SLO it has (a request that never finished met none)."""
+    finished = np.isfinite(r.finish_s)
+    ttft = r.first_token_s - r.arrival_s
+    e2e = r.finish_s - r.arrival_s
+    gaps = np.maximum(r.output_tokens - 1, 1)
+    tbt = np.where(r.output_tokens > 1, (r.finish_s - r.first_token_s) / gaps, 0.0)
+    ok = finished.copy()
+    if slo.ttft_s is not None:
+        ok &= ttft <= slo.ttft_s
+    if slo.tbt_s is not None:
+        ok &= tbt <= slo.tbt_s
+    if slo.e2e_s is not None:
+        ok &= e2e <= slo.e2e_s
+    return ok
+
+
+def summarise(r: SimResult, slo: Slo, baseline_energy_j: float | None) -> PolicySummary:
+    tokens = int(r.output_tokens.sum())
+    ttft_ms = (r.first_token_s - r.arrival_s) * 1000.0
+    e2e_ms = (r.finish_s - r.arrival_s) * 1000.0
+    gaps = np.maximum(r.output_tokens - 1, 1)
+    tbt_ms = np.where(r.output_tokens > 1, (r.finish_s - r.first_token_s) / gaps * 1000.0, np.nan)
+    # p99 over every token gap: an iteration's latency is the gap of each request it decodes.
+    weights = r.iter_gen.astype(np.float64)
+    if weights.sum() > 0:
+        order = np.argsort(r.iter_latency_s)
+        cum = np.cumsum(weights[order]) / weights.sum()
+        p99_tbt = float(r.iter_latency_s[order][np.searchsorted(cum, 0.99)]) * 1000.0
+    else:
+        p99_tbt = math.nan
+    return PolicySummary(
+        energy_j=r.energy_j,
+        tokens_per_joule=tokens / r.energy_j if r.energy_j > 0 else math.nan,
+        energy_saving_vs_max=(1.0 - r.energy_j / baseline_energy_j if baseline_energy_j else None),
+        slo_attainment=float(attainment_mask(r, slo).mean()) if len(r.arrival_s) else 1.0,
+        p50_ttft_ms=_pct(ttft_ms, 50),
+        p99_ttft_ms=_pct(ttft_ms, 99),
+        mean_tbt_ms=float(np.nanmean(tbt_ms)) if np.isfinite(tbt_ms).any() else math.nan,
+        p99_tbt_ms=p99_tbt,
+        p99_e2e_ms=_pct(e2e_ms, 99),
+        clock_changes=r.clock_changes,
+        requests=len(r.arrival_s),
+        output_tokens=tokens,
+        span_s=r.span_s,
+    )
+
+
+def format_table(summaries: dict[str, PolicySummary]) -> str:
+    head = (
+        f"{'policy':<16}{'energy J':>12}{'tok/J':>8}{'saving':>8}{'SLO att.':>9}"
+        f"{'TTFT p50':>10}{'p99':>9}{'TBT mean':>10}{'p99':>8}{'E2E p99':>10}{'changes':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, s in summaries.items():
+        saving = "-" if s.energy_saving_vs_max is None else f"{s.energy_saving_vs_max:+.1%}"
+        lines.append(
+            f"{name:<16}{s.energy_j:>12.0f}{s.tokens_per_joule:>8.3f}{saving:>8}"
+            f"{s.slo_attainment:>9.2%}{s.p50_ttft_ms:>10.0f}{s.p99_ttft_ms:>9.0f}"
+            f"{s.mean_tbt_ms:>10.1f}{s.p99_tbt_ms:>8.1f}{s.p99_e2e_ms:>10.0f}{s.clock_changes:>8}"
+        )
+    lines.append(
+        "times in ms; saving = energy saved against max; SLO att. = share of requests "
+        "meeting all their SLOs"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Request arrivals for evaluation: read from trace files or synthesised, then windowed, scaled
+and clipped. A workload carries lengths, not text: prompts are synthesised to those lengths."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read: names the file and the line."""
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float  # seconds from the start of the workload
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    requests: tuple[TraceRequest, ...]
+    clipped_prompts: int = 0  # prompts cut to the model's context
+
+    @property
+    def duration_s(self) -> float:
+        return self.requests[-1].arrival_s if self.requests else 0.0
+
+    @property
+    def rate_per_s(self) -> float:
+        return len(self.requests) / self.duration_s if self.duration_s > 0 else 0.0
+
+    def window(self, start_s: float, duration_s: float) -> Workload:
+        kept = [r for r in self.requests if start_s <= r.arrival_s < start_s + duration_s]
+        shifted = tuple(replace(r, arrival_s=r.arrival_s - start_s) for r in kept)
+        return Workload(self.name, shifted, self.clipped_prompts)
+
+    def scaled_to_rate(self, rate_per_s: float) -> Workload:
+        """Stretch or compress inter-arrival times so the mean rate is `rate_per_s`."""
+        if rate_per_s <= 0:
+            raise ValueError(f"rate must be positive, got {rate_per_s}")
+        if self.rate_per_s == 0:
+            return self
+        factor = self.rate_per_s / rate_per_s
+        scaled = tuple(replace(r, arrival_s=r.arrival_s * factor) for r in self.requests)
+        return Workload(self.name, scaled, self.clipped_prompts)
+
+    def clipped(self, max_context: int, min_output: int = 1) -> Workload:
+        """Prompts cut so prompt + output fits the model's context; the count is kept."""
+        out, clipped = [], 0
+        for r in self.requests:
+            output = max(min(r.output_tokens, max_context // 2), min_output)
+            prompt = max(r.prompt_tokens, 1)
+            if prompt + output > max_context:
+                prompt = max_context - output
+                clipped += 1
+            out.append(TraceRequest(r.arrival_s, prompt, output))
+        return Workload(self.name, tuple(out), self.clipped_prompts + clipped)
+
+
+def _azure_rows(path: Path) -> Iterator[tuple[int, float, int, int]]:
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
+            raise TraceError(f"{path}:1: expected header TIMESTAMP,ContextTokens,GeneratedTokens")
+        for line, row in enumerate(reader, start=2):
+            try:
+                stamp, ctx, gen = row
+                # 7 fractional digits: Python parses at most 6.
+                head, _, frac = stamp.partition(".")
+                t = datetime.datetime.fromisoformat(head).timestamp() + float("0." + (frac or "0"))
+                yield line, t, int(ctx), int(gen)
+            except ValueError as e:
+                raise TraceError(f"{path}:{line}: malformed row {row!r} ({e})") from e
+
+
+def read_trace(path: str | Path) -> Workload:
+    """Azure LLM inference CSV, JSON lines (`timestamp` ms, `input_length`, `output_length`), or
+    plain CSV (`arrival_s,prompt_tokens,output_tokens`), chosen by the file's first line."""
+    path = Path(path)
+    try:
+        first = path.open().readline().strip()
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read ({e.strerror})") from e
+    rows: list[tuple[float, int, int]] = []
+    if first.startswith("TIMESTAMP"):
+        rows = [(t, c, g) for _, t, c, g in _azure_rows(path)]
+    elif first.startswith("{"):
+        with path.open() as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                    rows.append(
+                        (
+                            float(obj["timestamp"]) / 1000.0,
+                            int(obj["input_length"]),
+                            int(obj["output_length"]),
+                        )
+                    )
+                except (ValueError, KeyError, TypeError) as e:
+                    raise TraceError(f"{path}:{line}: malformed JSON line ({e!r})") from e
+    elif first == "arrival_s,prompt_tokens,output_tokens":
+        with path.open(newline="") as f:
+            for line, row in enumerate(csv.reader(f), start=1):
+                if line == 1:
+                    continue
+                try:
+                    a, p, o = row
+                    rows.append((float(a), int(p), int(o)))
+                except ValueError as e:
+                    raise TraceError(f"{path}:{line}: malformed row {row!r} ({e})") from e
+    else:
+        raise TraceError(
+            f"{path}:1: unknown trace format; expected the Azure CSV header, a JSON object per "
+            "line, or 'arrival_s,prompt_tokens,output_tokens'"
+        )
+    if not rows:
+        raise TraceError(f"{path}: no requests")
+    for i, (when, prompt, output) in enumerate(rows):
+        if prompt < 0 or output < 0 or not math.isfinite(when):
+            raise TraceError(f"{path}: request {i + 1}: negative length or bad time")
+    rows.sort(key=lambda r: r[0])
+    t0 = rows[0][0]
+    requests = tuple(
+        TraceRequest(when - t0, prompt, max(output, 1)) for when, prompt, output in rows
+    )
+    return Workload(path.stem, requests)
+
+
+# Log-normal fits of the Azure LLM inference traces (2023), from their published summaries
+# (prompt and output token mean/median; ../shared/data/README.md): sigma = sqrt(2 ln(mean/median)).
+@dataclass(frozen=True)
+class SyntheticSpec:
+    prompt_median_mean: tuple[float, float]
+    output_median_mean: tuple[float, float]
+    bursty: bool  # gamma arrivals (CV ~13) instead of Poisson
+
+
+SYNTHETIC = {
+    "conv": SyntheticSpec((1020.0, 1155.0), (129.0, 211.0), bursty=False),
+    "code": SyntheticSpec((1469.0, 2048.0), (13.0, 27.9), bursty=True),
+}
+# Inter-arrival coefficient of variation of the bursty code trace is ~13; a gamma process with
+# shape 1/CV^2 reproduces that burstiness.
+CODE_GAMMA_SHAPE = 1.0 / 13.0**2
+
+
+def _lognormal(
+    rng: np.random.Generator, median: float, mean: float, n: int
+) -> npt.NDArray[np.float64]:
+    sigma = math.sqrt(2.0 * math.log(mean / median))
+    return rng.lognormal(math.log(median), sigma, n)
+
+
+def synthetic(kind: str, rate_per_s: float, duration_s: float, seed: int = 0) -> Workload:
+    """`synthetic:conv` (Poisson) or `synthetic:code` (bursty gamma) arrivals and lengths."""
+    if kind not in SYNTHETIC:
+        raise ValueError(f"unknown synthetic workload '{kind}'; valid: {', '.join(SYNTHETIC)}")
+    spec = SYNTHETIC[kind]
+    rng = np.random.default_rng(seed)
+    n = max(int(rate_per_s * duration_s * 1.2) + 16, 16)
+    if spec.bursty:
+        gaps = rng.gamma(CODE_GAMMA_SHAPE, 1.0 / (rate_per_s * CODE_GAMMA_SHAPE), n)
+    else:
+        gaps = rng.exponential(1.0 / rate_per_s, n)
+    times = np.cumsum(gaps)
+    times = times[times < duration_s]
+    k = len(times)
+    prompts = _lognormal(rng, *spec.prompt_median_mean, k)
+    outputs = _lognormal(rng, *spec.output_median_mean, k)
+    requests = tuple(
+        TraceRequest(float(t), max(int(p), 1), max(int(o), 1))
+        for t, p, o in zip(times, prompts, outputs, strict=True)
+    )
+    return Workload(f"synthetic:{kind}", requests)
