@@ -89,7 +89,9 @@ def _profile(args: argparse.Namespace) -> int:
         def advance(runs: int) -> None:
             bar.update(runs)
 
-        x, ips = profile_twin(gpu, model, args.tp, seed=args.seed, plan=plan, progress=advance)
+        x, ips, power = profile_twin(
+            gpu, model, args.tp, seed=args.seed, plan=plan, progress=advance
+        )
     meta = {
         "engine": "twin",
         "gpu": gpu.name,
@@ -97,7 +99,7 @@ def _profile(args: argparse.Namespace) -> int:
         "tp": str(args.tp),
         "seed": str(args.seed),
     }
-    write_dataset(args.out, x, ips, meta)
+    write_dataset(args.out, x, ips, meta, power)
     print(
         f"wrote {len(ips)} iterations from {plan.size} runs to {args.out} "
         f"in {time.perf_counter() - started:.0f} s"
@@ -111,7 +113,7 @@ def _train(args: argparse.Namespace) -> int:
         evaluate,
         plot_predicted_vs_measured,
         read_dataset,
-        split,
+        split_indices,
     )
 
     if not 0 < args.test_fraction < 1:
@@ -120,17 +122,17 @@ def _train(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise UsageError(f"--data {path}: no such file")
     try:
-        x, y = read_dataset(args.data)
+        x, y, power = read_dataset(args.data)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    x_train, y_train, x_test, y_test = split(x, y, args.test_fraction, args.seed)
-    if len(y_train) > args.max_train_rows:
-        keep = np.random.default_rng(args.seed).choice(
-            len(y_train), args.max_train_rows, replace=False
-        )
-        x_train, y_train = x_train[keep], y_train[keep]
+    train, test = split_indices(len(y), args.test_fraction, args.seed)
+    if len(train) > args.max_train_rows:
+        train = np.random.default_rng(args.seed).choice(train, args.max_train_rows, replace=False)
+    x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
     started = time.perf_counter()
-    model = CatBoostPerformanceModel.fit(x_train, y_train, seed=args.seed)
+    model = CatBoostPerformanceModel.fit(
+        x_train, y_train, power_w=None if power is None else power[train], seed=args.seed
+    )
     fit_s = time.perf_counter() - started
     report = evaluate(model, x_test, y_test, n_train=len(y_train))
     model.meta["report"] = report.to_json()

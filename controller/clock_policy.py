@@ -75,13 +75,18 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
         last = proj.running_last_iter + 1
         zero = np.zeros_like(last)
         gaps = np.maximum(dl.running_generated + proj.running_last_iter, 1)
+        # The mean TBT must hold however long the request turns out to be: at its predicted
+        # end, and if it ended after the next iteration (a prediction can be too long, and a
+        # prefill stall hurts a short request most).
+        next_gaps = np.maximum(dl.running_generated, 1)
         bases += [
             dl.running_e2e_deadline_s - now_s,
             dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
+            dl.running_tbt_target_s * next_gaps + dl.running_first_token_s - now_s,
         ]
-        ends += [last, last]
-        starts += [zero, zero]
-        ids += list(dl.running_ids) * 2
+        ends += [last, last, np.minimum(last, 1)]
+        starts += [zero, zero, zero]
+        ids += list(dl.running_ids) * 3
     if dl.queued_ids:
         beyond_first = proj.queued_first_iter < 0
         beyond_last = proj.queued_last_iter < 0

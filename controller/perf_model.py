@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 FEATURES = ("sm_clock_mhz", "batch_size", "kv_blocks", "ctx_tokens", "tp")
 TARGET = "ips"
+POWER = "power_w"  # mean engine power during the iteration (all GPUs), when profiled
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -58,9 +59,11 @@ class ModelReport:
         return asdict(self)
 
 
-def read_dataset(paths: Sequence[Path | str]) -> tuple[FloatArray, FloatArray]:
-    """Rows of FEATURES and IPS from one or more profiling CSV files (see `write_dataset`)."""
-    xs, ys = [], []
+def read_dataset(
+    paths: Sequence[Path | str],
+) -> tuple[FloatArray, FloatArray, FloatArray | None]:
+    """Rows of FEATURES, IPS and (when every file has it) power from profiling CSV files."""
+    xs, ys, ps = [], [], []
     for path in paths:
         path = Path(path)
         try:
@@ -82,16 +85,28 @@ def read_dataset(paths: Sequence[Path | str]) -> tuple[FloatArray, FloatArray]:
             raise ValueError(f"{path}: malformed row ({e})") from e
         xs.append(data[:, [header.index(c) for c in FEATURES]])
         ys.append(data[:, header.index(TARGET)])
-    return np.vstack(xs), np.concatenate(ys)
+        ps.append(data[:, header.index(POWER)] if POWER in header else None)
+    power: FloatArray | None = None
+    if all(p is not None for p in ps):
+        power = np.concatenate([p for p in ps if p is not None])
+    return np.vstack(xs), np.concatenate(ys), power
 
 
-def write_dataset(path: Path, x: FloatArray, ips: FloatArray, meta: dict[str, str]) -> None:
+def write_dataset(
+    path: Path,
+    x: FloatArray,
+    ips: FloatArray,
+    meta: dict[str, str],
+    power_w: FloatArray | None = None,
+) -> None:
     """A CSV with `# key=value` metadata lines, a header, and one row per iteration."""
+    columns = [x, ips] if power_w is None else [x, ips, power_w]
+    names = (*FEATURES, TARGET) if power_w is None else (*FEATURES, TARGET, POWER)
     with path.open("w") as f:
         for key, value in meta.items():
             f.write(f"# {key}={value}\n")
-        f.write(",".join((*FEATURES, TARGET)) + "\n")
-        np.savetxt(f, np.column_stack([x, ips]), delimiter=",", fmt="%.6g")
+        f.write(",".join(names) + "\n")
+        np.savetxt(f, np.column_stack(columns), delimiter=",", fmt="%.6g")
 
 
 def evaluate(model: PerformanceModel, x: FloatArray, y: FloatArray, n_train: int) -> ModelReport:
@@ -111,25 +126,22 @@ def evaluate(model: PerformanceModel, x: FloatArray, y: FloatArray, n_train: int
 class CatBoostPerformanceModel:
     """Gradient-boosted trees over log(IPS); save/load as CatBoost's .cbm plus a JSON sidecar."""
 
-    def __init__(self, booster: object, meta: dict[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        booster: object,
+        meta: dict[str, object] | None = None,
+        power_booster: object | None = None,
+    ) -> None:
         self._booster = booster
+        self._power = power_booster
         self.meta = meta or {}
 
-    @classmethod
-    def fit(
-        cls,
-        x: FloatArray,
-        ips: FloatArray,
-        *,
-        iterations: int = 800,
-        depth: int = 8,
-        seed: int = 0,
-        threads: int = -1,
-    ) -> CatBoostPerformanceModel:
+    @staticmethod
+    def _fit_one(
+        x: FloatArray, y: FloatArray, iterations: int, depth: int, seed: int, threads: int
+    ) -> object:
         from catboost import CatBoostRegressor
 
-        if np.any(ips <= 0):
-            raise ValueError("IPS must be positive in every row")
         booster = CatBoostRegressor(
             iterations=iterations,
             depth=depth,
@@ -140,15 +152,50 @@ class CatBoostPerformanceModel:
             verbose=False,
             allow_writing_files=False,
         )
-        booster.fit(x, np.log(ips))
-        return cls(booster, {"features": list(FEATURES), "target": "log_ips"})
+        booster.fit(x, np.log(y))
+        return booster
+
+    @classmethod
+    def fit(
+        cls,
+        x: FloatArray,
+        ips: FloatArray,
+        *,
+        power_w: FloatArray | None = None,
+        iterations: int = 800,
+        depth: int = 8,
+        seed: int = 0,
+        threads: int = -1,
+    ) -> CatBoostPerformanceModel:
+        """IPS model, and a power model (same features, log watts) when power was profiled."""
+        if np.any(ips <= 0):
+            raise ValueError("IPS must be positive in every row")
+        booster = cls._fit_one(x, ips, iterations, depth, seed, threads)
+        power = None
+        if power_w is not None:
+            if np.any(power_w <= 0):
+                raise ValueError("power must be positive in every row")
+            power = cls._fit_one(x, power_w, iterations // 2, depth, seed, threads)
+        meta = {"features": list(FEATURES), "target": "log_ips", "power": power is not None}
+        return cls(booster, meta, power)
 
     def predict_ips(self, features: FloatArray) -> FloatArray:
         raw = self._booster.predict(np.asarray(features, dtype=np.float64))  # type: ignore[attr-defined]
         return np.exp(np.asarray(raw, dtype=np.float64))
 
+    def has_power(self) -> bool:
+        return self._power is not None
+
+    def predict_power_w(self, features: FloatArray) -> FloatArray:
+        if self._power is None:
+            raise ValueError("this model was trained without power measurements")
+        raw = self._power.predict(np.asarray(features, dtype=np.float64))  # type: ignore[attr-defined]
+        return np.exp(np.asarray(raw, dtype=np.float64))
+
     def save(self, path: Path) -> None:
         self._booster.save_model(str(path), format="cbm")  # type: ignore[attr-defined]
+        if self._power is not None:
+            self._power.save_model(f"{path}.power.cbm", format="cbm")  # type: ignore[attr-defined]
         Path(f"{path}.json").write_text(json.dumps(self.meta, indent=2))
 
     @classmethod
@@ -162,16 +209,20 @@ class CatBoostPerformanceModel:
         booster.load_model(str(path), format="cbm")
         sidecar = Path(f"{path}.json")
         meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        return cls(booster, meta)
+        power = None
+        if Path(f"{path}.power.cbm").is_file():
+            power = CatBoostRegressor()
+            power.load_model(f"{path}.power.cbm", format="cbm")
+        return cls(booster, meta, power)
 
 
-def split(
-    x: FloatArray, y: FloatArray, test_fraction: float, seed: int
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    order = np.random.default_rng(seed).permutation(x.shape[0])
-    n_test = max(1, round(x.shape[0] * test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    return x[train], y[train], x[test], y[test]
+def split_indices(
+    n: int, test_fraction: float, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(train, test) row indices: a seeded random hold-out."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, round(n * test_fraction))
+    return order[n_test:], order[:n_test]
 
 
 def plot_predicted_vs_measured(y: FloatArray, pred: FloatArray, path: Path, title: str) -> None:

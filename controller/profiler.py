@@ -67,15 +67,16 @@ def profile_twin(
     seed: int = 0,
     plan: SweepPlan | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[FloatArray, FloatArray]:
-    """Run the sweep on a twin engine in virtual time; rows of perf_model.FEATURES and IPS."""
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Run the sweep on a twin engine in virtual time: rows of perf_model.FEATURES, IPS, and the
+    engine's mean power in each iteration (on a real GPU: from NVML's energy counter)."""
     engine = build_twin_engine(
         gpu, model, tp, mode="virtual", seed=seed, latency_jitter=PROFILE_JITTER
     )
     ex, gpus = engine.executor, engine.gpus
     plan = plan or default_plan(gpu, model, ex.limits.max_batch_size)
     rng = np.random.default_rng(seed)
-    rows: list[tuple[float, float, float, float, float, float]] = []
+    rows: list[tuple[float, float, float, float, float, float, float]] = []
     settle_s = max(g.clock_change_latency_s for g in gpus.gpus) + 1e-6
     for clock, batch, prompt in plan.runs():
         for g in gpus.gpus:
@@ -99,6 +100,7 @@ def profile_twin(
                     float(ib.num_ctx_tokens),
                     float(tp),
                     1000.0 / stats.iter_latency_ms,
+                    stats.twin.power_w if stats.twin is not None else float("nan"),
                 )
             )
             # Late arrivals during the first half: prefills mixed into decoding batches.
@@ -114,4 +116,4 @@ def profile_twin(
             progress(1)
     ex.shutdown()
     data = np.array(rows, dtype=np.float64)
-    return data[:, :5], data[:, 5]
+    return data[:, :5], data[:, 5], data[:, 6]

@@ -168,6 +168,7 @@ class RepositorySpec:
     parameters: dict[str, str] = field(default_factory=dict)
     instances: int = 1
     # Extra copies of the tensorrt_llm model: name -> decoupled (e.g. a non-decoupled one).
+    # Their telemetry always takes free ports (a fixed base port belongs to tensorrt_llm).
     variants: dict[str, bool] = field(default_factory=dict)
     models: tuple[str, ...] = ("tensorrt_llm", "preprocessing", "postprocessing", "ensemble")
 
@@ -191,6 +192,8 @@ def build_repository(source: Path, dest: Path, spec: RepositorySpec) -> Path:
             text = re.sub(r'name:\s*"tensorrt_llm"', f'name: "{name}"', text, count=1)
             if name in spec.variants:
                 text = _set_decoupled(text, spec.variants[name])
+                text = re.sub(r'(key: "telemetry_port" value: \{ string_value: )"[^"]*"',
+                              r'\g<1>"0"', text)  # fmt: skip
         config.write_text(text)
     return dest
 

@@ -27,6 +27,7 @@ from .workload import Workload
 
 FloatArray = npt.NDArray[np.float64]
 TIMELINE_EVERY_S = 0.5  # resolution of the clock/power timeline kept for plots
+CLIENT_MAX_TOKENS = 2048  # the max_tokens clients send (the trace's outputs fit under it)
 
 _FINISH = {
     FinishReason.END_ID: Finish.END_ID,

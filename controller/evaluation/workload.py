@@ -55,11 +55,12 @@ class Workload:
         scaled = tuple(replace(r, arrival_s=r.arrival_s * factor) for r in self.requests)
         return Workload(self.name, scaled, self.clipped_prompts)
 
-    def clipped(self, max_context: int, min_output: int = 1) -> Workload:
-        """Prompts cut so prompt + output fits the model's context; the count is kept."""
+    def clipped(self, max_context: int, min_output: int = 1, max_output: int = 2048) -> Workload:
+        """Outputs cut to `max_output` (what clients ask for at most) and prompts cut so that
+        prompt + output fits the model's context; the count of cut prompts is kept."""
         out, clipped = [], 0
         for r in self.requests:
-            output = max(min(r.output_tokens, max_context // 2), min_output)
+            output = max(min(r.output_tokens, max_context // 2, max_output), min_output)
             prompt = max(r.prompt_tokens, 1)
             if prompt + output > max_context:
                 prompt = max_context - output

@@ -1,0 +1,183 @@
+"""`throttllem simulate`: policies compared on the same arrivals, in virtual time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cli_twin import UsageError, guarded
+from .events import Slo
+
+JSON_KEYS = (
+    "energy_j",
+    "tokens_per_joule",
+    "energy_saving_vs_max",
+    "slo_attainment",
+    "p99_ttft_ms",
+    "mean_tbt_ms",
+    "p99_tbt_ms",
+    "p99_e2e_ms",
+    "clock_changes",
+)
+
+
+def add_parser(sub: Any) -> None:
+    sim = sub.add_parser("simulate", help="compare clock policies on a workload, virtual time")
+    sim.add_argument(
+        "--trace",
+        required=True,
+        help="a trace file (Azure CSV, JSON lines, or arrival_s,prompt_tokens,"
+        "output_tokens CSV), or synthetic:conv / synthetic:code",
+    )
+    sim.add_argument("--gpu", default="A100-SXM4-40GB")
+    sim.add_argument("--model", default="llama-3-8b")
+    sim.add_argument("--tp", type=int, default=1)
+    sim.add_argument(
+        "--load",
+        type=float,
+        default=0.5,
+        help="arrival rate as a fraction of the engine's capacity (default 0.5)",
+    )
+    sim.add_argument(
+        "--policy",
+        default="max,throttllem",
+        help="comma-separated: max, static:MHZ, static-best, pid, throttllem, oracle",
+    )
+    sim.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of the workload to replay (default: synthetic 600, trace all)",
+    )
+    sim.add_argument(
+        "--slo", default="paper", help="'paper' or a YAML/JSON file with ttft_ms, tbt_ms, e2e_ms"
+    )
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--json", action="store_true", help="one JSON object keyed by policy")
+    sim.add_argument(
+        "--out", type=Path, default=None, help="folder for per-request records, timelines and plots"
+    )
+    sim.set_defaults(handler=guarded("simulate", _simulate))
+
+
+def load_slo_file(path: Path) -> Slo:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"--slo {path}: cannot read ({e})") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"--slo {path}: expected a mapping of ttft_ms, tbt_ms, e2e_ms")
+    unknown = sorted(set(data) - {"ttft_ms", "tbt_ms", "e2e_ms"})
+    if unknown:
+        raise UsageError(
+            f"--slo {path}: unknown field(s) {', '.join(unknown)}; valid: ttft_ms, tbt_ms, e2e_ms"
+        )
+    values: dict[str, float | None] = {}
+    for key in ("ttft_ms", "tbt_ms", "e2e_ms"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise UsageError(f"--slo {path}: {key} must be a positive number, got {v!r}")
+        values[key] = None if v is None else float(v) / 1000.0
+    return Slo(values["ttft_ms"], values["tbt_ms"], values["e2e_ms"])
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from throttllem.backend.twin.hardware import default_catalog, valid_tp_sizes
+
+    from .evaluation.capacity import find_capacity, paper_slo, scale_to_load
+    from .evaluation.experiment import PolicyError, compare, parse_policies, write_outputs
+    from .evaluation.report import format_table
+    from .evaluation.simulator import EngineSetup
+    from .evaluation.workload import TraceError, read_trace, synthetic
+
+    catalog = default_catalog()
+    gpu, model = catalog.gpu(args.gpu), catalog.model(args.model)
+    if args.tp not in valid_tp_sizes(gpu, model):
+        raise UsageError(
+            f"--tp {args.tp}: {model.name} does not fit {args.tp} x {gpu.name}; "
+            f"valid: {', '.join(map(str, valid_tp_sizes(gpu, model)))}"
+        )
+    if not 0 < args.load <= 2:
+        raise UsageError(f"--load must be in (0, 2], got {args.load}")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError(f"--duration must be positive, got {args.duration}")
+    try:
+        policies = parse_policies(args.policy)
+    except PolicyError as e:
+        raise UsageError(f"--policy: {e}") from e
+    setup = EngineSetup(gpu=gpu.name, model=model.name, tp=args.tp, seed=args.seed)
+    if args.trace.startswith("synthetic:"):
+        kind = args.trace.split(":", 1)[1]
+        if kind not in ("conv", "code"):
+            raise UsageError(
+                f"--trace {args.trace}: valid synthetic workloads: synthetic:conv, synthetic:code"
+            )
+    else:
+        kind = "code" if "code" in Path(args.trace).name.lower() else "conv"
+    print(
+        f"finding the capacity of {model.name} TP{args.tp} on {gpu.name} ({kind} mix; cached)",
+        file=sys.stderr,
+    )
+    capacity = find_capacity(setup, kind, args.seed)
+    slo = paper_slo(capacity) if args.slo == "paper" else load_slo_file(Path(args.slo))
+    if args.trace.startswith("synthetic:"):
+        duration = args.duration or 600.0
+        workload = synthetic(kind, capacity.rate_per_s * args.load, duration, seed=args.seed)
+    else:
+        try:
+            workload = read_trace(args.trace)
+        except TraceError as e:
+            raise UsageError(str(e)) from e
+        if args.duration:
+            workload = workload.window(
+                0.0, args.duration * workload.rate_per_s / (capacity.rate_per_s * args.load)
+            )
+        workload = scale_to_load(workload, capacity, args.load)
+    workload = workload.clipped(model.max_context)
+    if workload.clipped_prompts:
+        print(
+            f"{workload.clipped_prompts} prompts clipped to {model.name}'s context", file=sys.stderr
+        )
+    print(
+        f"{len(workload.requests)} requests over {workload.duration_s:.0f} s "
+        f"({workload.rate_per_s:.2f}/s = {args.load:.0%} of capacity "
+        f"{capacity.rate_per_s:.2f}/s); SLO: TBT {_ms(slo.tbt_s)}, E2E {_ms(slo.e2e_s)}, "
+        f"TTFT {_ms(slo.ttft_s)}",
+        file=sys.stderr,
+    )
+    with tqdm(total=len(policies), desc="policies", unit="policy", file=sys.stderr) as bar:
+
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message)
+            if message.startswith("simulating") and bar.n < len(policies):
+                bar.update(0)
+
+        comparison = compare(workload, setup, policies, slo, progress)
+        bar.update(len(policies))
+    if args.out:
+        written = write_outputs(comparison, args.out, slo)
+        print(f"wrote {len(written)} files to {args.out}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    name: {k: getattr(s, k) for k in JSON_KEYS}
+                    for name, s in comparison.summaries.items()
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_table(comparison.summaries))
+    return 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "none" if seconds is None else f"{seconds * 1000:.0f} ms"

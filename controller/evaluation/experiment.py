@@ -1,0 +1,149 @@
+"""One `simulate` invocation: policies by name, all on the same arrivals, summarised together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..events import Slo
+from ..perf_model import CatBoostPerformanceModel, split_indices
+from ..profiler import default_plan, profile_twin
+from .capacity import cache_dir
+from .policies import MaxClock, PidClock, StaticClock, ThrottllemPolicy
+from .report import PolicySummary, summarise
+from .simulator import EngineSetup, Policy, SimResult, simulate
+from .workload import Workload
+
+log = logging.getLogger(__name__)
+
+POLICY_NAMES = ("max", "static:MHZ", "static-best", "pid", "throttllem", "oracle")
+
+
+class PolicyError(ValueError):
+    """A policy name that is not one of POLICY_NAMES."""
+
+
+@dataclass
+class Comparison:
+    results: dict[str, SimResult]
+    summaries: dict[str, PolicySummary]
+
+
+def trained_model(
+    setup: EngineSetup, progress: Callable[[str], None] | None = None
+) -> CatBoostPerformanceModel:
+    """The CatBoost model for this engine, profiled on the twin and trained once, then cached."""
+    path = cache_dir() / "models" / f"{setup.gpu}_{setup.model}_tp{setup.tp}_s{setup.seed}.cbm"
+    if path.is_file():
+        return CatBoostPerformanceModel.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        progress(f"profiling {setup.model} TP{setup.tp} on {setup.gpu} (once; cached in {path})")
+    gpu, model = setup.specs()
+    plan = default_plan(gpu, model, setup.max_batch_size, clock_stride=2)
+    x, ips, power = profile_twin(gpu, model, setup.tp, seed=setup.seed, plan=plan)
+    train, _ = split_indices(len(ips), 0.2, setup.seed)
+    train = train[:150_000]
+    if progress:
+        progress("training the performance model")
+    trained = CatBoostPerformanceModel.fit(
+        x[train], ips[train], power_w=power[train], seed=setup.seed
+    )
+    trained.save(path)
+    return trained
+
+
+def parse_policies(spec: str) -> list[str]:
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    if not names:
+        raise PolicyError("no policy given; valid: " + ", ".join(POLICY_NAMES))
+    for name in names:
+        if name in POLICY_NAMES or (name.startswith("static:") and name[7:].isdigit()):
+            continue
+        raise PolicyError(f"unknown policy '{name}'; valid: {', '.join(POLICY_NAMES)}")
+    return names
+
+
+def _build(name: str, setup: EngineSetup, progress: Callable[[str], None] | None) -> Policy:
+    if name == "max":
+        return MaxClock()
+    if name.startswith("static:"):
+        return StaticClock(int(name[7:]))
+    if name == "pid":
+        return PidClock()
+    if name == "throttllem":
+        return ThrottllemPolicy(trained_model(setup, progress))
+    if name == "oracle":
+        return ThrottllemPolicy(None, name="oracle", oracle=True)
+    raise PolicyError(f"unknown policy '{name}'")
+
+
+def static_best(
+    workload: Workload, setup: EngineSetup, slo: Slo, target: float
+) -> tuple[SimResult, int]:
+    """The lowest fixed clock whose SLO attainment reaches `target` (an offline-tuned
+    operator's best), by bisection over the supported clocks."""
+    gpu, _ = setup.specs()
+    clocks = sorted(gpu.supported_clocks_mhz())
+    lo, hi = 0, len(clocks) - 1
+    best = simulate(workload, setup, StaticClock(clocks[hi]), slo)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        r = simulate(workload, setup, StaticClock(clocks[mid]), slo)
+        if summarise(r, slo, None).slo_attainment >= target:
+            hi, best = mid, r
+        else:
+            lo = mid + 1
+    best.policy = "static-best"
+    return best, clocks[lo]
+
+
+def compare(
+    workload: Workload,
+    setup: EngineSetup,
+    policies: list[str],
+    slo: Slo,
+    progress: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Run every policy on the same arrivals; `max` always runs (it is the baseline)."""
+    order = ["max", *[p for p in policies if p != "max"]]
+    results: dict[str, SimResult] = {}
+    for name in order:
+        if progress:
+            progress(f"simulating {name}")
+        if name == "static-best":
+            target = summarise(results["max"], slo, None).slo_attainment
+            results[name], mhz = static_best(workload, setup, slo, min(target, 0.99))
+            log.info("static-best: %d MHz", mhz)
+        else:
+            results[name] = simulate(workload, setup, _build(name, setup, progress), slo)
+    base = results["max"].energy_j
+    summaries = {n: summarise(r, slo, base) for n, r in results.items() if n in policies}
+    return Comparison({n: results[n] for n in summaries}, summaries)
+
+
+def write_outputs(comparison: Comparison, out: Path, slo: Slo) -> list[Path]:
+    """Per-request records, a clock/power timeline per policy, and the plots."""
+    from .plots import plot_all
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, r in comparison.results.items():
+        safe = name.replace(":", "_")
+        path = out / f"requests_{safe}.csv"
+        with path.open("w") as f:
+            f.write("arrival_s,first_token_s,finish_s,output_tokens\n")
+            for row in zip(r.arrival_s, r.first_token_s, r.finish_s, r.output_tokens, strict=True):
+                f.write(",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in row))
+                f.write("\n")
+        written.append(path)
+        path = out / f"timeline_{safe}.csv"
+        with path.open("w") as f:
+            f.write("time_s,sm_clock_mhz,power_w\n")
+            for t, c, p in zip(r.timeline_t, r.timeline_clock, r.timeline_power, strict=True):
+                f.write(f"{t:.3f},{c:.0f},{p:.1f}\n")
+        written.append(path)
+    written += plot_all(comparison, out, slo)
+    return written
