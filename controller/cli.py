@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import cli_clockd, cli_model, cli_serve, cli_simulate, cli_twin
+from . import cli_clockd, cli_controller, cli_model, cli_serve, cli_simulate, cli_twin
 
 # Exit status for bad command-line input, as argparse uses.
 EXIT_USAGE = 2
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_clockd.add_parser(sub)
     cli_model.add_parsers(sub)
     cli_simulate.add_parser(sub)
+    cli_controller.add_parser(sub)
     return parser
 
 

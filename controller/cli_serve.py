@@ -79,6 +79,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--work-dir", type=Path, default=None, help="keep the filled repository here")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds (default 300)")
+    p.add_argument(
+        "--model-control",
+        choices=("none", "explicit"),
+        default="none",
+        help="explicit: Triton's model-control API on (load/unload, instance changes)",
+    )
     p.set_defaults(handler=run_serve)  # fmt: skip
 
 
@@ -122,6 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     server: TritonServer | None = None
+    clean = False
     try:
         try:
             spec = repository_spec(args, registry)
@@ -133,8 +140,10 @@ def run_serve(args: argparse.Namespace) -> int:
             repo = build_repository(args.model_repository or source_model_repository(),
                                     work / "models", spec)  # fmt: skip
             ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+            explicit = ("--model-control-mode=explicit", "--load-model=*")
+            extra = explicit if args.model_control == "explicit" else ()
             server = TritonServer(repo, work_dir=work, ports=ports, host=args.host,
-                                  install=install)  # fmt: skip
+                                  install=install, extra_args=extra)  # fmt: skip
             print(f"throttllem serve: starting {install.binary} ({install.source}); "
                   f"log {server.log_path}", flush=True)  # fmt: skip
             server.start()
@@ -143,6 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"throttllem serve: error: {e}", file=sys.stderr)
             return EXIT_TRITON
         if stop.is_set():
+            clean = True
             return 0
         _print_ready(server, registry)
         while not stop.wait(0.5):
@@ -152,14 +162,15 @@ def run_serve(args: argparse.Namespace) -> int:
                       f"(log {server.log_path}):\n{tail}", file=sys.stderr)  # fmt: skip
                 return EXIT_TRITON
         print("throttllem serve: stopping", flush=True)
+        clean = True
         return 0
     finally:
         if server is not None:
             server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if owned:
-            shutil.rmtree(work, ignore_errors=True)
+        if owned and (clean or server is None):
+            shutil.rmtree(work, ignore_errors=True)  # kept after a failure: the log is there
 
 
 def _print_ready(server: TritonServer, registry: Path) -> None:

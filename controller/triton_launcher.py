@@ -222,6 +222,7 @@ class TritonServer:
         install: TritonInstall | None = None,
         log_verbose: int = 0,
         exit_timeout_s: int = 10,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.repository = repository
         self.work_dir = work_dir
@@ -231,6 +232,7 @@ class TritonServer:
         self.log_path = work_dir / "tritonserver.log"
         self._log_verbose = log_verbose
         self._exit_timeout_s = exit_timeout_s
+        self._extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -257,7 +259,7 @@ class TritonServer:
         ]
         if self.install.backend_dir is not None:
             cmd.append(f"--backend-directory={self.install.backend_dir}")
-        return cmd
+        return [*cmd, *self._extra_args]
 
     def start(self) -> None:
         env = {**os.environ, **self.install.env}
@@ -273,17 +275,24 @@ class TritonServer:
         finally:
             log.close()
 
-    def log_tail(self, lines: int = 8) -> str:
-        """Triton's error lines (the last `lines`), else the log's last lines."""
+    def log_tail(self, lines: int = 1) -> str:
+        """Triton's error messages, tracebacks cut and repeats dropped (the first `lines`), on
+        one line; else the log's last lines."""
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        errors = [
-            line for line in text
-            if line.startswith("E") and "CudaDriverHelper" not in line and "Cuda" not in line
-        ]  # fmt: skip
-        return "\n".join((errors or text)[-lines:])
+        messages: list[str] = []
+        for line in text:
+            if not line.startswith("E") or "Cuda" in line or "CUDA" in line:
+                continue
+            message = line.split("] ", 1)[-1].strip().strip('"')
+            message = message.split("\\n\\nAt:", 1)[0].replace("\\n", " ").strip()
+            if not any(message in seen or seen in message for seen in messages):
+                messages.append(message)
+        if messages:
+            return " | ".join(messages[:lines])
+        return "\n".join(text[-lines:])
 
     def _get(self, path: str) -> int:
         url = f"http://{self.http_url}{path}"
@@ -310,7 +319,7 @@ class TritonServer:
             if self.process is not None and self.process.poll() is not None:
                 raise TritonError(
                     f"tritonserver exited with status {self.process.returncode} before it was "
-                    f"ready (log {self.log_path}):\n{self.log_tail()}"
+                    f"ready: {self.log_tail()} (log {self.log_path})"
                 )
             if self._get("/v2/health/ready") == 200 and all(
                 self._get(f"/v2/models/{m}/ready") == 200 for m in models
@@ -318,8 +327,8 @@ class TritonServer:
                 return
             time.sleep(0.1)
         raise TritonError(
-            f"tritonserver not ready after {timeout_s:.0f} s (log {self.log_path}):\n"
-            f"{self.log_tail()}"
+            f"tritonserver not ready after {timeout_s:.0f} s: {self.log_tail()} "
+            f"(log {self.log_path})"
         )
 
     def running(self) -> bool:

@@ -77,7 +77,9 @@ class Parameters:
         try:
             number = int(value)
         except ValueError:
-            raise ParameterError(f"parameter '{name}': expected an integer, got {value!r}") from None
+            raise ParameterError(
+                f"parameter '{name}': expected an integer, got {value!r}"
+            ) from None
         if minimum is not None and number < minimum:
             raise ParameterError(f"parameter '{name}': must be >= {minimum}, got {number}")
         return number

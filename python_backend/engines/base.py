@@ -156,11 +156,15 @@ class GpuReading:
 
 
 class GpuControlError(RuntimeError):
-    """A clock call the GPU refused; `permission` tells "not allowed" from "bad value"."""
+    """A clock call the GPU refused; `permission` tells "not allowed" from "bad value", and
+    `nvml_code` is the NVML return code the GPU (or twin) gave, when known."""
 
-    def __init__(self, message: str, *, permission: bool = False) -> None:
+    def __init__(
+        self, message: str, *, permission: bool = False, nvml_code: int | None = None
+    ) -> None:
         super().__init__(message)
         self.permission = permission
+        self.nvml_code = nvml_code
 
 
 class GpuControl(Protocol):

@@ -192,13 +192,14 @@ def engine_facts(engine_dir: Path, params: Parameters) -> EngineFacts:
 
 def import_bindings() -> ModuleType:
     try:
-        import tensorrt_llm.bindings.executor as trtllm
+        import tensorrt_llm.bindings.executor as trtllm  # type: ignore[import-not-found]
     except ImportError as e:
         raise EngineError(
             f"engine 'tensorrtllm' needs TensorRT-LLM, which cannot be imported here ({e}); "
             "use an NGC tritonserver *-trtllm-python-py3 image, or set engine to 'twin'"
         ) from e
-    return trtllm
+    module: ModuleType = trtllm
+    return module
 
 
 def build_trtllm_engine(

@@ -52,7 +52,7 @@ class TwinGpuControl:
     def __init__(self, gpus: Sequence[TwinGpu], indices: Sequence[int]) -> None:
         if len(gpus) != len(indices):
             raise ValueError("one index per GPU")
-        self._by_index = dict(zip(indices, gpus))
+        self._by_index = dict(zip(indices, gpus, strict=True))
 
     def gpu_indices(self) -> list[int]:
         return list(self._by_index)
@@ -77,7 +77,9 @@ class TwinGpuControl:
             try:
                 getattr(gpu, call)(*args)
             except TwinNvmlError as e:
-                raise GpuControlError(str(e), permission=e.code == NVML_ERROR_NO_PERMISSION) from e
+                raise GpuControlError(
+                    str(e), permission=e.code == NVML_ERROR_NO_PERMISSION, nvml_code=e.code
+                ) from e
 
     def set_locked_clocks(self, min_mhz: int, max_mhz: int, indices: Sequence[int]) -> None:
         self._each(indices, "set_locked_clocks", (min_mhz, max_mhz))
@@ -124,9 +126,10 @@ def build_twin_engine(
     jitter = params.get_float("twin_latency_jitter", DEFAULT_JITTER, minimum=0.0)
     fixed_len = params.get_int("twin_output_len", minimum=1)
     lengths: LengthSampler | None = FixedLengths(fixed_len) if fixed_len else None
-    tokens_per_block = params.get_int(
-        "twin_tokens_per_block", DEFAULT_TOKENS_PER_BLOCK, minimum=1
-    ) or DEFAULT_TOKENS_PER_BLOCK
+    tokens_per_block = (
+        params.get_int("twin_tokens_per_block", DEFAULT_TOKENS_PER_BLOCK, minimum=1)
+        or DEFAULT_TOKENS_PER_BLOCK
+    )
     indices = params.get_int_list("gpu_device_ids") or list(range(tp))
     if len(indices) != tp:
         raise ParameterError(

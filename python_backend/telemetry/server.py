@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BATCH_EVENTS = 512
 MAX_SUBSCRIBERS = 16
+# Trailing metadata key of a refused GpuControl call: the NVML return code the GPU gave.
+NVML_CODE_METADATA = "throttllem-nvml-return"
 _POLL_S = 0.25
 
 
@@ -119,7 +121,7 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):  # type: ignore[misc]
     def stop(self) -> None:
         self._stopping = True
 
-    def Subscribe(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802
+    def Subscribe(self, request: Any, context: Any) -> Iterator[Any]:
         if self._hub.subscriber_count() >= self._max_subscribers:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -141,10 +143,10 @@ class TelemetryServicer(pb_grpc.TelemetryServicer):  # type: ignore[misc]
         finally:
             self._hub.unsubscribe(sub)
 
-    def GetSnapshot(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def GetSnapshot(self, request: Any, context: Any) -> Any:
         return self._hub.snapshot()
 
-    def GetInfo(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def GetInfo(self, request: Any, context: Any) -> Any:
         return self._info()
 
 
@@ -198,22 +200,26 @@ class GpuControlServicer(pb_grpc.GpuControlServicer):  # type: ignore[misc]
         try:
             action()
         except GpuControlError as e:
-            code = grpc.StatusCode.PERMISSION_DENIED if e.permission else (
-                grpc.StatusCode.INVALID_ARGUMENT
+            if e.nvml_code is not None:
+                context.set_trailing_metadata(((NVML_CODE_METADATA, str(e.nvml_code)),))
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if e.permission
+                else (grpc.StatusCode.INVALID_ARGUMENT)
             )
             context.abort(code, str(e))
         return gpu_state(self._control)
 
-    def GetGpuState(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def GetGpuState(self, request: Any, context: Any) -> Any:
         return gpu_state(self._control)
 
-    def SetLockedClocks(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def SetLockedClocks(self, request: Any, context: Any) -> Any:
         self._guard(context, "SetLockedClocks")
         indices = self._indices(request.gpu_indices, context)
         lo, hi = int(request.min_mhz), int(request.max_mhz)
         return self._apply(context, lambda: self._control.set_locked_clocks(lo, hi, indices))
 
-    def ResetLockedClocks(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ResetLockedClocks(self, request: Any, context: Any) -> Any:
         self._guard(context, "ResetLockedClocks")
         indices = self._indices(request.gpu_indices, context)
         return self._apply(context, lambda: self._control.reset_locked_clocks(indices))
@@ -241,6 +247,9 @@ class TelemetryServer:
                 max_workers=max_subscribers + 4, thread_name_prefix="throttllem-telemetry"
             ),
             maximum_concurrent_rpcs=max_subscribers + 64,
+            # gRPC sets SO_REUSEPORT by default: two instances configured onto one port would
+            # then share it silently. Refuse instead.
+            options=[("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_TelemetryServicer_to_server(self._telemetry, self._server)
         if gpu_control is not None:

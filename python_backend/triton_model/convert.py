@@ -6,8 +6,9 @@ Inputs follow tensorrtllm_backend's `tensorrt_llm` model (apis.md §2): `input_i
 inputs) and word lists [B, 2, L]. Each of the B rows becomes one engine request.
 
 Optional Triton request parameters: `slo_ttft_ms`, `slo_tbt_ms`, `slo_e2e_ms` (positive numbers,
-milliseconds) and `output_length_hint` (a positive integer: the client's predicted output
-length, clipped to `request_output_len`).
+milliseconds), `output_length_hint` (a positive integer: the client's predicted output length,
+clipped to `request_output_len`) and `return_emit_time` (true: every response carries
+`emit_time_ns`, see outputs.py).
 
 Nothing here imports Triton: the caller passes a function that returns an input as a numpy
 array (or None when absent), so the unit tests drive it directly.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,9 @@ GetInput = Callable[[str], "np.ndarray[Any, Any] | None"]
 
 SLO_PARAMETERS = {"slo_ttft_ms": "ttft_ms", "slo_tbt_ms": "tbt_ms", "slo_e2e_ms": "e2e_ms"}
 LENGTH_HINT_PARAMETER = "output_length_hint"
+# Request parameter: add only the `emit_time_ns` output (what return_perf_metrics adds, minus
+# the nine reference perf tensors) to every response; for latency measurements.
+EMIT_TIME_PARAMETER = "return_emit_time"
 
 # Sampling inputs: Triton input name -> (SamplingParams field, kind).
 _SAMPLING_INPUTS: dict[str, tuple[str, str]] = {
@@ -88,6 +92,7 @@ class ConvertedRow:
     prompt_tokens: int
     slo: Slo = field(default_factory=Slo)
     output_length_hint: int | None = None
+    return_emit_time: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,14 @@ def parse_slo(parameters: Mapping[str, Any]) -> tuple[Slo, int | None]:
             )
         hint = int(number)
     return Slo(**values), hint
+
+
+def _flag(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+        return raw.lower() in ("true", "1")
+    raise RequestValidationError(name, f"expected true or false, got {raw!r}")
 
 
 def _positive_number(name: str, raw: Any) -> float:
@@ -238,10 +251,13 @@ def convert_request(
         if value is not None and np.asarray(value).size and np.asarray(value).any():
             raise RequestValidationError(name, "not supported by this backend")
     slo, hint = parse_slo(parameters)
+    emit = _flag(EMIT_TIME_PARAMETER, parameters.get(EMIT_TIME_PARAMETER, False))
     rows: list[ConvertedRow] = []
     for row in range(batch):
-        rows.append(_convert_row(get, ids[row], row, batch, decoupled, default_exclude_input,
-                                 limits, slo, hint))  # fmt: skip
+        converted = _convert_row(
+            get, ids[row], row, batch, decoupled, default_exclude_input, limits, slo, hint
+        )
+        rows.append(replace(converted, return_emit_time=emit) if emit else converted)
     return Converted(rows=rows, batch_size=batch)
 
 

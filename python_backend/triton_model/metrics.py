@@ -55,7 +55,9 @@ class TritonMetrics:
         requests = fam("nv_trt_llm_request_metrics", "TRT LLM request metrics")
         memory = fam("nv_trt_llm_runtime_memory_metrics", "TRT LLM runtime memory metrics")
         kv = fam("nv_trt_llm_kv_cache_block_metrics", "TRT LLM KV cache block metrics")
-        ifb = fam("nv_trt_llm_inflight_batcher_metrics", "TRT LLM inflight_batcher-specific metrics")
+        ifb = fam(
+            "nv_trt_llm_inflight_batcher_metrics", "TRT LLM inflight_batcher-specific metrics"
+        )
         general = fam("nv_trt_llm_general_metrics", "General TRT LLM metrics")
 
         def metric(f: Any, label: str, value: str) -> Any:

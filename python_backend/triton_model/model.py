@@ -11,6 +11,7 @@ twin's (engines/twin.py):
     exclude_input_in_output    default of the per-request input
     max_output_len             cap on request_output_len (0/unset: engine limits only)
     cancellation_check_period_ms   (default 100)   stats_check_period_ms (default 25)
+    response_send_threads      threads sending responses (default 4; see serving.py)
     slo_ttft_ms / slo_tbt_ms / slo_e2e_ms   deployment default SLOs (reported to the controller)
     telemetry_enabled          default true
     telemetry_host             default 127.0.0.1
@@ -170,6 +171,7 @@ class LlmModel:
             cancellation_period_s=(params.get_int("cancellation_check_period_ms", 100, minimum=1)
                                    or 100) / 1000.0,
             stats_period_s=(params.get_int("stats_check_period_ms", 25, minimum=1) or 25) / 1000.0,
+            send_threads=params.get_int("response_send_threads", 4, minimum=1) or 4,
         )  # fmt: skip
         self._server: TelemetryServer | None = None
         self._registry_path: Path | None = None

@@ -5,9 +5,9 @@ batched Triton request, `batch_index` INT32 [1, 1] tells the row (decoupled), or
 stacked into one [B, ...] response (non-decoupled). With `return_perf_metrics`, the reference's
 perf outputs (`arrival_time_ns`, `first_scheduled_time_ns`, `first_token_time_ns`,
 `last_token_time_ns`: the engine's own clock; `kv_cache_alloc_new_blocks`,
-`kv_cache_reused_blocks`, `kv_cache_alloc_total_blocks`) plus throttllem's `emit_time_ns`: the
-backend's wall-clock (Unix ns) bound on when the engine made the response available, which
-benchmarks compare with the client's receive time.
+`kv_cache_reused_blocks`, `kv_cache_alloc_total_blocks`) plus throttllem's `emit_time_ns` (also
+alone, with the request parameter `return_emit_time`): a wall-clock (Unix ns) lower bound on when
+the engine made the response available, which benchmarks compare with the client's receive time.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def response_outputs(
     batch_index: int = 0,
     batch_size: int = 1,
     return_perf_metrics: bool = False,
-    emit_time_ns: int = 0,
+    emit_time_ns: int | None = None,
 ) -> Outputs:
     out = token_outputs(response.output_token_ids)
     if response.cum_log_probs is not None:
@@ -60,6 +60,7 @@ def response_outputs(
                 ("kv_cache_alloc_total_blocks", perf.kv_total_allocated_blocks),
             ):
                 out[name] = np.array([[count]], dtype=np.int32)
+    if emit_time_ns is not None:
         out["emit_time_ns"] = np.array([[emit_time_ns]], dtype=np.int64)
     return out
 

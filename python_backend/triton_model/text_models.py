@@ -67,7 +67,8 @@ class PreprocessingModel:
             pb_utils.Tensor("REQUEST_INPUT_LEN", lengths),
             pb_utils.Tensor("REQUEST_OUTPUT_LEN", out_len.astype(np.int32).reshape(batch, 1)),
         ]
-        for src, dst in (("STOP_WORDS_DICT", "STOP_WORDS_IDS"), ("BAD_WORDS_DICT", "BAD_WORDS_IDS")):
+        words = (("STOP_WORDS_DICT", "STOP_WORDS_IDS"), ("BAD_WORDS_DICT", "BAD_WORDS_IDS"))
+        for src, dst in words:
             tensor = pb_utils.get_input_tensor_by_name(request, src)
             rows = tensor.as_numpy().reshape(batch, -1) if tensor is not None else [[]] * batch
             lists = [word_list(self._tokenizer, [_text(w) for w in row]) for row in rows]

@@ -78,7 +78,7 @@ class HfTokenizer:
         try:
             from tokenizers import Tokenizer as FastTokenizer  # type: ignore[import-not-found]
         except ImportError:
-            FastTokenizer = None  # noqa: N806
+            FastTokenizer = None
         if FastTokenizer is not None and tokenizer_json.is_file():
             self._fast = FastTokenizer.from_file(str(tokenizer_json))
             return

@@ -1,0 +1,155 @@
+"""`throttllem controller`: the sidecar on its own (`throttllem serve` starts one by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cli_twin import UsageError, guarded
+from .events import Slo
+
+SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may hold
+    "model_name": (str, "Triton model whose instances to control (default tensorrt_llm)"),
+    "registry_dir": (str, "discovery registry folder (default: $THROTTLLEM_REGISTRY_DIR or "
+                          "$TMPDIR/throttllem-registry)"),
+    "metrics_port": (int, "Prometheus port on 127.0.0.1 (default 9400; 0: none)"),
+    "metrics_host": (str, "address the metrics port binds (default 127.0.0.1)"),
+    "perf_model": (str, "auto (twin engines: profile once, cached), oracle (twin only), or a "
+                        ".cbm file from `throttllem train`"),
+    "driver": (str, "auto (twin engines: their GpuControl; others: NVML), twin, nvml, clockd"),
+    "clockd_socket": (str, "socket of `throttllem clockd` (with --driver clockd)"),
+    "slo_ttft_ms": (float, "default TTFT target (requests may override)"),
+    "slo_tbt_ms": (float, "default mean TBT target"),
+    "slo_e2e_ms": (float, "default E2E target"),
+    "telemetry_timeout_s": (float, "reset clocks after this long without telemetry (default 3)"),
+    "observe_only": (bool, "decide and export metrics, never change clocks"),
+}
+DEFAULTS: dict[str, Any] = {
+    "model_name": "tensorrt_llm", "registry_dir": None, "metrics_port": 9400,
+    "metrics_host": "127.0.0.1", "perf_model": "auto", "driver": "auto", "clockd_socket": None,
+    "slo_ttft_ms": None, "slo_tbt_ms": None, "slo_e2e_ms": None, "telemetry_timeout_s": 3.0,
+    "observe_only": False,
+}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("controller", help="run the clock controller sidecar")
+    p.add_argument("--config", type=Path, help="YAML file with any of the settings below")
+    for name, (kind, text) in SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=text)
+    p.set_defaults(handler=guarded("controller", _controller))
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the config file, then flags; a wrong key or type names the field."""
+    settings = dict(DEFAULTS)
+    if args.config is not None:
+        try:
+            data = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"--config {args.config}: cannot read ({e})") from e
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {args.config}: expected a mapping of settings")
+        for key, value in data.items():
+            if key not in SETTINGS:
+                raise UsageError(f"--config {args.config}: unknown setting '{key}'; valid: "
+                                 f"{', '.join(SETTINGS)}")
+            kind = SETTINGS[key][0]
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                if kind in (int, float) else isinstance(value, str))
+            if value is not None and not ok:
+                raise UsageError(f"--config {args.config}: {key} must be a {kind.__name__}, "
+                                 f"got {value!r}")
+            settings[key] = value
+    for key in SETTINGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    if settings["driver"] not in ("auto", "twin", "nvml", "clockd"):
+        raise UsageError(f"driver '{settings['driver']}': valid: auto, twin, nvml, clockd")
+    if settings["driver"] == "clockd" and not settings["clockd_socket"]:
+        raise UsageError("--driver clockd needs --clockd-socket")
+    for key in ("slo_ttft_ms", "slo_tbt_ms", "slo_e2e_ms", "telemetry_timeout_s"):
+        if settings[key] is not None and settings[key] <= 0:
+            raise UsageError(f"{key} must be positive, got {settings[key]}")
+    pm = settings["perf_model"]
+    if pm not in ("auto", "oracle") and not Path(pm).is_file():
+        raise UsageError(f"perf_model '{pm}': not auto, oracle, or an existing model file")
+    return settings
+
+
+def build_sidecar(settings: dict[str, Any]) -> Any:
+    from .evaluation.experiment import trained_model
+    from .evaluation.simulator import EngineSetup
+    from .gpu.clockd_client import ClockdClient
+    from .gpu.nvml_driver import NvmlDriver
+    from .gpu.remote_twin import RemoteTwinDriver
+    from .oracle_model import TwinOracleModel
+    from .perf_model import CatBoostPerformanceModel, PerformanceModel
+    from .sidecar import Sidecar, SidecarConfig
+    from .telemetry_client import InstanceLink
+
+    observe = bool(settings["observe_only"])
+
+    def models(link: InstanceLink) -> PerformanceModel | None:
+        info = link.info
+        pm = settings["perf_model"]
+        if pm not in ("auto", "oracle"):
+            return CatBoostPerformanceModel.load(pm)
+        if info.engine_kind != "twin":
+            return None  # a real engine needs a model profiled on its GPU: observe only
+        if pm == "oracle":
+            from throttllem.backend.twin.hardware import default_catalog
+
+            catalog = default_catalog()
+            return TwinOracleModel(catalog.gpu(info.gpu_name), catalog.model(info.llm),
+                                   info.tp_size, info.kv_tokens_per_block)
+        return trained_model(EngineSetup(gpu=info.gpu_name, model=info.llm, tp=info.tp_size,
+                                         max_batch_size=info.max_batch_size))
+
+    def drivers(link: InstanceLink) -> Any:
+        kind = settings["driver"]
+        if kind == "auto":
+            kind = "twin" if link.info.gpu_control else "nvml"
+        if kind == "twin":
+            return RemoteTwinDriver(link.endpoint, observe_only=observe)
+        if kind == "clockd":
+            return ClockdClient.connect(Path(settings["clockd_socket"]))
+        return NvmlDriver.open(list(link.info.gpu_indices) or None, observe_only=observe)
+
+    slo = Slo(*(None if settings[k] is None else settings[k] / 1000.0
+                for k in ("slo_ttft_ms", "slo_tbt_ms", "slo_e2e_ms")))
+    config = SidecarConfig(
+        model_name=settings["model_name"],
+        registry_dir=Path(settings["registry_dir"]) if settings["registry_dir"] else None,
+        default_slo=slo, telemetry_timeout_s=settings["telemetry_timeout_s"],
+    )
+    return Sidecar(config, models, drivers)
+
+
+def _controller(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = resolve_settings(args)
+    sidecar = build_sidecar(settings)
+    if settings["metrics_port"]:
+        sidecar.metrics.serve(settings["metrics_port"], settings["metrics_host"])
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"throttllem controller: watching model '{settings['model_name']}'"
+          + (f", metrics on {settings['metrics_host']}:{settings['metrics_port']}"
+             if settings["metrics_port"] else ""), file=sys.stderr, flush=True)
+    sidecar.run(stop)  # resets every GPU it locked on the way out
+    return 0

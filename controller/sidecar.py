@@ -1,0 +1,202 @@
+"""`throttllem controller`: the sidecar that runs beside Triton, one controller per instance.
+
+Finds every instance of the served model in the discovery registry, subscribes to its telemetry,
+keeps a scoreboard, decides clocks, and actuates through the instance's clock driver (the twin's
+GpuControl, NVML, or the clock daemon). Whatever ends it, the GPUs go back to default clocks:
+on exit the drivers reset; when an instance's telemetry is lost for longer than
+`telemetry_timeout_s`, its GPUs are reset until it comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from throttllem.backend.telemetry.discovery import discover
+
+from .control_loop import ControllerConfig, InstanceController
+from .events import Finished, Slo
+from .gpu.driver import ClockDriver
+from .ips_table import IpsTable
+from .length_predictor import LengthPredictor
+from .metrics import ControllerMetrics
+from .perf_model import PerformanceModel
+from .projection import Admission, EngineLimits
+from .scoreboard import Scoreboard
+from .telemetry_client import Delivery, InstanceLink
+
+log = logging.getLogger(__name__)
+
+ModelSource = Callable[[InstanceLink], PerformanceModel | None]
+DriverSource = Callable[[InstanceLink], ClockDriver]
+
+
+@dataclass
+class SidecarConfig:
+    model_name: str = "tensorrt_llm"
+    registry_dir: Path | None = None
+    default_slo: Slo = field(default_factory=Slo)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    telemetry_timeout_s: float = 3.0
+    tick_s: float = 0.01
+    discover_every_s: float = 1.0
+
+
+class _DriverActuator:
+    def __init__(self, driver: ClockDriver) -> None:
+        self.driver = driver
+
+    def set_clock_mhz(self, mhz: int) -> None:
+        self.driver.set_locked_clocks(self.driver.gpu_indices(), mhz, mhz)
+
+
+@dataclass
+class ManagedInstance:
+    link: InstanceLink
+    driver: ClockDriver
+    controller: InstanceController | None  # None: observe only (no performance model)
+    energy_start_mj: int
+    tokens: int = 0
+    reset_for_silence: bool = False
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, models: ModelSource, drivers: DriverSource,
+                 metrics: ControllerMetrics | None = None) -> None:
+        self.config = config
+        self._models = models
+        self._drivers = drivers
+        self.metrics = metrics or ControllerMetrics()
+        self.instances: dict[str, ManagedInstance] = {}
+        self._inbox: queue.Queue[Delivery] = queue.Queue()
+        self._next_discovery = 0.0
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _attach(self, endpoint: str) -> None:
+        try:
+            link = InstanceLink(endpoint, self._inbox)
+        except Exception as e:
+            log.warning("cannot attach to %s: %s", endpoint, e)
+            return
+        info = link.info
+        driver = self._drivers(link)
+        model = self._models(link)
+        controller = None
+        if model is not None:
+            clocks = list(driver.supported_clocks_mhz(driver.gpu_indices()[0]))
+            limits = EngineLimits(
+                info.max_batch_size, int(info.kv_max_blocks), info.kv_tokens_per_block,
+                Admission.MAX_UTILIZATION if info.scheduler_policy == "MAX_UTILIZATION"
+                else Admission.GUARANTEED_NO_EVICT,
+            )
+            table = IpsTable(model, clocks, tp=info.tp_size, max_batch=info.max_batch_size,
+                             kv_capacity_blocks=int(info.kv_max_blocks),
+                             tokens_per_block=info.kv_tokens_per_block)
+            slo = self.config.default_slo
+            if info.HasField("default_slo"):
+                from .telemetry_client import _slo
+
+                slo = slo.overridden_by(_slo(info.default_slo))
+            board = Scoreboard(LengthPredictor(), slo, info.kv_tokens_per_block)
+            controller = InstanceController(board, table, limits, _DriverActuator(driver),
+                                            self.config.controller)
+        else:
+            log.warning("%s: no performance model: observing only", info.instance_name)
+        total = sum(driver.total_energy_mj(g) for g in driver.gpu_indices())
+        self.instances[endpoint] = ManagedInstance(link, driver, controller, total)
+        log.info("controlling %s (%s, %s TP%d) at %s", info.instance_name, info.engine_kind,
+                 info.llm, info.tp_size, endpoint)
+
+    def discover(self) -> None:
+        seen = set()
+        for entry in discover(self.config.registry_dir, self.config.model_name):
+            seen.add(entry.endpoint)
+            if entry.endpoint not in self.instances:
+                self._attach(entry.endpoint)
+        for endpoint in list(self.instances):
+            if endpoint not in seen and not self.instances[endpoint].link.connected:
+                self._detach(endpoint)
+
+    def _detach(self, endpoint: str) -> None:
+        inst = self.instances.pop(endpoint)
+        inst.link.close()
+        try:
+            inst.driver.close()
+        except Exception as e:
+            log.info("closing the driver of %s: %s", endpoint, e)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One tick: take in telemetry, decide where due, guard against silence."""
+        now_wall = time.monotonic()
+        if now_wall >= self._next_discovery:
+            self.discover()
+            self._next_discovery = now_wall + self.config.discover_every_s
+        while True:
+            try:
+                delivery = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            inst = self.instances.get(delivery.endpoint)
+            if inst is None or inst.controller is None:
+                continue
+            if delivery.snapshot is not None:
+                inst.controller.rebuild(delivery.snapshot)
+            for ev in delivery.events:
+                inst.controller.observe(ev)
+                if isinstance(ev, Finished):
+                    inst.tokens += ev.output_tokens
+        for inst in self.instances.values():
+            self._tick(inst, now_wall)
+
+    def _tick(self, inst: ManagedInstance, now_wall: float) -> None:
+        name = inst.link.info.instance_name
+        silent = now_wall - inst.link.last_heard_monotonic > self.config.telemetry_timeout_s
+        if silent and not inst.link.connected:
+            if not inst.reset_for_silence:
+                log.warning("%s: telemetry lost for %.1f s: GPUs back to default clocks", name,
+                            self.config.telemetry_timeout_s)
+                try:
+                    inst.driver.reset_locked_clocks(inst.driver.gpu_indices())
+                except Exception as e:
+                    log.warning("%s: reset failed: %s", name, e)
+                if inst.controller is not None:
+                    inst.controller.governor.forget()
+                inst.reset_for_silence = True
+            return
+        inst.reset_for_silence = False
+        if inst.controller is None:
+            return
+        started = time.perf_counter()
+        decision = inst.controller.maybe_decide(inst.link.clock.now_s())
+        if decision is not None:
+            self.metrics.record(name, decision, time.perf_counter() - started)
+            self.metrics.attainment.labels(name).set(inst.controller.scoreboard.attainment())
+            last = inst.controller.last_iteration
+            if last is not None and last.latency_s > 0:
+                self.metrics.observed_ips.labels(name).set(1.0 / last.latency_s)
+            try:
+                total = sum(inst.driver.total_energy_mj(g) for g in inst.driver.gpu_indices())
+                self.metrics.record_energy(name, (total - inst.energy_start_mj) / 1000.0,
+                                           inst.tokens)
+            except Exception as e:
+                log.debug("%s: energy reading failed: %s", name, e)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                self.step()
+                stop.wait(self.config.tick_s)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for endpoint in list(self.instances):
+            self._detach(endpoint)
