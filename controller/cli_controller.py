@@ -17,12 +17,18 @@ from .events import Slo
 
 SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may hold
     "model_name": (str, "Triton model whose instances to control (default tensorrt_llm)"),
-    "registry_dir": (str, "discovery registry folder (default: $THROTTLLEM_REGISTRY_DIR or "
-                          "$TMPDIR/throttllem-registry)"),
+    "registry_dir": (
+        str,
+        "discovery registry folder (default: $THROTTLLEM_REGISTRY_DIR or "
+        "$TMPDIR/throttllem-registry)",
+    ),
     "metrics_port": (int, "Prometheus port on 127.0.0.1 (default 9400; 0: none)"),
     "metrics_host": (str, "address the metrics port binds (default 127.0.0.1)"),
-    "perf_model": (str, "auto (twin engines: profile once, cached), oracle (twin only), or a "
-                        ".cbm file from `throttllem train`"),
+    "perf_model": (
+        str,
+        "auto (twin engines: profile once, cached), oracle (twin only), or a "
+        ".cbm file from `throttllem train`",
+    ),
     "driver": (str, "auto (twin engines: their GpuControl; others: NVML), twin, nvml, clockd"),
     "clockd_socket": (str, "socket of `throttllem clockd` (with --driver clockd)"),
     "slo_ttft_ms": (float, "default TTFT target (requests may override)"),
@@ -32,9 +38,17 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
     "observe_only": (bool, "decide and export metrics, never change clocks"),
 }
 DEFAULTS: dict[str, Any] = {
-    "model_name": "tensorrt_llm", "registry_dir": None, "metrics_port": 9400,
-    "metrics_host": "127.0.0.1", "perf_model": "auto", "driver": "auto", "clockd_socket": None,
-    "slo_ttft_ms": None, "slo_tbt_ms": None, "slo_e2e_ms": None, "telemetry_timeout_s": 3.0,
+    "model_name": "tensorrt_llm",
+    "registry_dir": None,
+    "metrics_port": 9400,
+    "metrics_host": "127.0.0.1",
+    "perf_model": "auto",
+    "driver": "auto",
+    "clockd_socket": None,
+    "slo_ttft_ms": None,
+    "slo_tbt_ms": None,
+    "slo_e2e_ms": None,
+    "telemetry_timeout_s": 3.0,
     "observe_only": False,
 }
 
@@ -63,15 +77,23 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--config {args.config}: expected a mapping of settings")
         for key, value in data.items():
             if key not in SETTINGS:
-                raise UsageError(f"--config {args.config}: unknown setting '{key}'; valid: "
-                                 f"{', '.join(SETTINGS)}")
+                raise UsageError(
+                    f"--config {args.config}: unknown setting '{key}'; valid: {', '.join(SETTINGS)}"
+                )
             kind = SETTINGS[key][0]
-            ok = isinstance(value, bool) if kind is bool else (
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-                if kind in (int, float) else isinstance(value, str))
+            ok = (
+                isinstance(value, bool)
+                if kind is bool
+                else (
+                    isinstance(value, (int, float)) and not isinstance(value, bool)
+                    if kind in (int, float)
+                    else isinstance(value, str)
+                )
+            )
             if value is not None and not ok:
-                raise UsageError(f"--config {args.config}: {key} must be a {kind.__name__}, "
-                                 f"got {value!r}")
+                raise UsageError(
+                    f"--config {args.config}: {key} must be a {kind.__name__}, got {value!r}"
+                )
             settings[key] = value
     for key in SETTINGS:
         value = getattr(args, key, None)
@@ -114,10 +136,20 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
             from throttllem.backend.twin.hardware import default_catalog
 
             catalog = default_catalog()
-            return TwinOracleModel(catalog.gpu(info.gpu_name), catalog.model(info.llm),
-                                   info.tp_size, info.kv_tokens_per_block)
-        return trained_model(EngineSetup(gpu=info.gpu_name, model=info.llm, tp=info.tp_size,
-                                         max_batch_size=info.max_batch_size))
+            return TwinOracleModel(
+                catalog.gpu(info.gpu_name),
+                catalog.model(info.llm),
+                info.tp_size,
+                info.kv_tokens_per_block,
+            )
+        return trained_model(
+            EngineSetup(
+                gpu=info.gpu_name,
+                model=info.llm,
+                tp=info.tp_size,
+                max_batch_size=info.max_batch_size,
+            )
+        )
 
     def drivers(link: InstanceLink) -> Any:
         kind = settings["driver"]
@@ -129,12 +161,17 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
             return ClockdClient.connect(Path(settings["clockd_socket"]))
         return NvmlDriver.open(list(link.info.gpu_indices) or None, observe_only=observe)
 
-    slo = Slo(*(None if settings[k] is None else settings[k] / 1000.0
-                for k in ("slo_ttft_ms", "slo_tbt_ms", "slo_e2e_ms")))
+    slo = Slo(
+        *(
+            None if settings[k] is None else settings[k] / 1000.0
+            for k in ("slo_ttft_ms", "slo_tbt_ms", "slo_e2e_ms")
+        )
+    )
     config = SidecarConfig(
         model_name=settings["model_name"],
         registry_dir=Path(settings["registry_dir"]) if settings["registry_dir"] else None,
-        default_slo=slo, telemetry_timeout_s=settings["telemetry_timeout_s"],
+        default_slo=slo,
+        telemetry_timeout_s=settings["telemetry_timeout_s"],
     )
     return Sidecar(config, models, drivers)
 
@@ -148,8 +185,15 @@ def _controller(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"throttllem controller: watching model '{settings['model_name']}'"
-          + (f", metrics on {settings['metrics_host']}:{settings['metrics_port']}"
-             if settings["metrics_port"] else ""), file=sys.stderr, flush=True)
+    print(
+        f"throttllem controller: watching model '{settings['model_name']}'"
+        + (
+            f", metrics on {settings['metrics_host']}:{settings['metrics_port']}"
+            if settings["metrics_port"]
+            else ""
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
     sidecar.run(stop)  # resets every GPU it locked on the way out
     return 0

@@ -66,8 +66,13 @@ class ManagedInstance:
 
 
 class Sidecar:
-    def __init__(self, config: SidecarConfig, models: ModelSource, drivers: DriverSource,
-                 metrics: ControllerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        models: ModelSource,
+        drivers: DriverSource,
+        metrics: ControllerMetrics | None = None,
+    ) -> None:
         self.config = config
         self._models = models
         self._drivers = drivers
@@ -91,27 +96,42 @@ class Sidecar:
         if model is not None:
             clocks = list(driver.supported_clocks_mhz(driver.gpu_indices()[0]))
             limits = EngineLimits(
-                info.max_batch_size, int(info.kv_max_blocks), info.kv_tokens_per_block,
-                Admission.MAX_UTILIZATION if info.scheduler_policy == "MAX_UTILIZATION"
+                info.max_batch_size,
+                int(info.kv_max_blocks),
+                info.kv_tokens_per_block,
+                Admission.MAX_UTILIZATION
+                if info.scheduler_policy == "MAX_UTILIZATION"
                 else Admission.GUARANTEED_NO_EVICT,
             )
-            table = IpsTable(model, clocks, tp=info.tp_size, max_batch=info.max_batch_size,
-                             kv_capacity_blocks=int(info.kv_max_blocks),
-                             tokens_per_block=info.kv_tokens_per_block)
+            table = IpsTable(
+                model,
+                clocks,
+                tp=info.tp_size,
+                max_batch=info.max_batch_size,
+                kv_capacity_blocks=int(info.kv_max_blocks),
+                tokens_per_block=info.kv_tokens_per_block,
+            )
             slo = self.config.default_slo
             if info.HasField("default_slo"):
                 from .telemetry_client import _slo
 
                 slo = slo.overridden_by(_slo(info.default_slo))
             board = Scoreboard(LengthPredictor(), slo, info.kv_tokens_per_block)
-            controller = InstanceController(board, table, limits, _DriverActuator(driver),
-                                            self.config.controller)
+            controller = InstanceController(
+                board, table, limits, _DriverActuator(driver), self.config.controller
+            )
         else:
             log.warning("%s: no performance model: observing only", info.instance_name)
         total = sum(driver.total_energy_mj(g) for g in driver.gpu_indices())
         self.instances[endpoint] = ManagedInstance(link, driver, controller, total)
-        log.info("controlling %s (%s, %s TP%d) at %s", info.instance_name, info.engine_kind,
-                 info.llm, info.tp_size, endpoint)
+        log.info(
+            "controlling %s (%s, %s TP%d) at %s",
+            info.instance_name,
+            info.engine_kind,
+            info.llm,
+            info.tp_size,
+            endpoint,
+        )
 
     def discover(self) -> None:
         seen = set()
@@ -161,8 +181,11 @@ class Sidecar:
         silent = now_wall - inst.link.last_heard_monotonic > self.config.telemetry_timeout_s
         if silent and not inst.link.connected:
             if not inst.reset_for_silence:
-                log.warning("%s: telemetry lost for %.1f s: GPUs back to default clocks", name,
-                            self.config.telemetry_timeout_s)
+                log.warning(
+                    "%s: telemetry lost for %.1f s: GPUs back to default clocks",
+                    name,
+                    self.config.telemetry_timeout_s,
+                )
                 try:
                     inst.driver.reset_locked_clocks(inst.driver.gpu_indices())
                 except Exception as e:
@@ -184,8 +207,9 @@ class Sidecar:
                 self.metrics.observed_ips.labels(name).set(1.0 / last.latency_s)
             try:
                 total = sum(inst.driver.total_energy_mj(g) for g in inst.driver.gpu_indices())
-                self.metrics.record_energy(name, (total - inst.energy_start_mj) / 1000.0,
-                                           inst.tokens)
+                self.metrics.record_energy(
+                    name, (total - inst.energy_start_mj) / 1000.0, inst.tokens
+                )
             except Exception as e:
                 log.debug("%s: energy reading failed: %s", name, e)
 

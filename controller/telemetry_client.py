@@ -61,25 +61,42 @@ def convert(ev: pb.Event, clock: EngineClock) -> Event | None:
         it = ev.iteration
         stamp = ev.time_unix_ns  # engine timestamps of a sped-up twin are not wall time
         return Iteration(
-            it.iter, clock.engine_s(stamp),
+            it.iter,
+            clock.engine_s(stamp),
             (it.iter_latency_ms if it.HasField("iter_latency_ms") else 0.0) / 1000.0,
-            it.num_active_requests, it.num_queued_requests, it.num_context_requests,
-            it.num_gen_requests, it.num_ctx_tokens, it.kv_used_blocks, it.kv_max_blocks,
+            it.num_active_requests,
+            it.num_queued_requests,
+            it.num_context_requests,
+            it.num_gen_requests,
+            it.num_ctx_tokens,
+            it.kv_used_blocks,
+            it.kv_max_blocks,
             it.kv_tokens_per_block,
         )
     if kind == "arrived":
         a = ev.arrived
         hint = a.output_length_hint if a.HasField("output_length_hint") else None
-        return Arrived(a.request_id, clock.engine_s(a.arrival_unix_ns or ev.time_unix_ns),
-                       a.prompt_tokens, a.max_tokens, _slo(a.slo), hint)
+        return Arrived(
+            a.request_id,
+            clock.engine_s(a.arrival_unix_ns or ev.time_unix_ns),
+            a.prompt_tokens,
+            a.max_tokens,
+            _slo(a.slo),
+            hint,
+        )
     if kind == "first_token":
         f = ev.first_token
-        return FirstToken(f.request_id, clock.engine_s(f.time_unix_ns or ev.time_unix_ns),
-                          max(f.tokens, 1))
+        return FirstToken(
+            f.request_id, clock.engine_s(f.time_unix_ns or ev.time_unix_ns), max(f.tokens, 1)
+        )
     if kind == "finished":
         f = ev.finished
-        return Finished(f.request_id, clock.engine_s(f.time_unix_ns or ev.time_unix_ns),
-                        f.output_tokens, _FINISH.get(f.finish_reason, Finish.END_ID))
+        return Finished(
+            f.request_id,
+            clock.engine_s(f.time_unix_ns or ev.time_unix_ns),
+            f.output_tokens,
+            _FINISH.get(f.finish_reason, Finish.END_ID),
+        )
     return None  # cancelled (a finished event follows) and gaps are handled by the link
 
 
@@ -88,8 +105,18 @@ def snapshot_requests(snap: pb.Snapshot, clock: EngineClock) -> list[InFlight]:
     for r in snap.requests:
         hint = r.output_length_hint if r.HasField("output_length_hint") else None
         first = clock.engine_s(r.first_token_unix_ns) if r.first_token_unix_ns else None
-        out.append(InFlight(r.request_id, clock.engine_s(r.arrival_unix_ns), r.prompt_tokens,
-                            r.max_tokens, r.output_tokens, first, _slo(r.slo), hint))
+        out.append(
+            InFlight(
+                r.request_id,
+                clock.engine_s(r.arrival_unix_ns),
+                r.prompt_tokens,
+                r.max_tokens,
+                r.output_tokens,
+                first,
+                _slo(r.slo),
+                hint,
+            )
+        )
     return out
 
 
@@ -105,8 +132,13 @@ class Delivery:
 class InstanceLink:
     """Subscribes to one instance and keeps subscribing until closed."""
 
-    def __init__(self, endpoint: str, out: queue.Queue[Delivery],
-                 retry_s: float = 0.5, max_retry_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        out: queue.Queue[Delivery],
+        retry_s: float = 0.5,
+        max_retry_s: float = 5.0,
+    ) -> None:
         self.endpoint = endpoint
         self._out = out
         self._retry_s, self._max_retry_s = retry_s, max_retry_s
@@ -119,8 +151,7 @@ class InstanceLink:
         self.last_heard_monotonic = time.monotonic()
         self._stop = threading.Event()
         self._stream: grpc.Future | None = None  # type: ignore[type-arg]
-        self._thread = threading.Thread(target=self._run, name=f"telemetry {endpoint}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"telemetry {endpoint}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -136,8 +167,12 @@ class InstanceLink:
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     break
-                log.warning("telemetry from %s lost (%s); retrying in %.1f s",
-                            self.endpoint, e.code() if hasattr(e, "code") else e, delay)
+                log.warning(
+                    "telemetry from %s lost (%s); retrying in %.1f s",
+                    self.endpoint,
+                    e.code() if hasattr(e, "code") else e,
+                    delay,
+                )
             self.connected = False
             self._stop.wait(delay)
             delay = min(delay * 2, self._max_retry_s)

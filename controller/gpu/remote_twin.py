@@ -7,6 +7,8 @@ errors an NVML call gives (a refused peer is NoPermission, an unreachable one Gp
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -19,7 +21,11 @@ from .errors import GpuError, GpuLost, InvalidArgument, NoPermission
 from .guarded import GuardedClockDriver
 
 CALL_TIMEOUT_S = 2.0
+# The backend lets a lock lapse 1.5 s after the last set call (engines/twin.py); renewing
+# well within that keeps it while this process lives, and only while it lives.
+LEASE_RENEW_S = 0.4
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _error(e: grpc.RpcError, context: str) -> GpuError:
@@ -40,12 +46,28 @@ class RemoteTwinDevices:
         self.endpoint = endpoint
         self._channel = grpc.insecure_channel(endpoint)
         self._stub = pb_grpc.GpuControlStub(self._channel)
-        state = self._call("read GPU state", lambda: self._stub.GetGpuState(
-            pb.GetGpuStateRequest(), timeout=CALL_TIMEOUT_S))
+        state = self._call(
+            "read GPU state",
+            lambda: self._stub.GetGpuState(pb.GetGpuStateRequest(), timeout=CALL_TIMEOUT_S),
+        )
         self._indices = tuple(g.index for g in state.gpus)
         self._clocks = tuple(state.supported_clocks_mhz)
         if not self._indices or not self._clocks:
             raise GpuError(f"{endpoint}: the backend reports no twin GPUs", None)
+        self._held: pb.SetLockedClocksRequest | None = None
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name=f"lease {endpoint}", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            held = self._held
+            if held is None:
+                continue
+            try:
+                self._stub.SetLockedClocks(held, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as e:
+                log.debug("%s: lease renewal failed: %s", self.endpoint, e)
 
     def _call(self, context: str, fn: Callable[[], T]) -> T:
         try:
@@ -54,8 +76,10 @@ class RemoteTwinDevices:
             raise _error(e, f"{self.endpoint}: {context}") from e
 
     def _reading(self, gpu: int) -> pb.GpuReading:
-        state = self._call("read GPU state", lambda: self._stub.GetGpuState(
-            pb.GetGpuStateRequest(), timeout=CALL_TIMEOUT_S))
+        state = self._call(
+            "read GPU state",
+            lambda: self._stub.GetGpuState(pb.GetGpuStateRequest(), timeout=CALL_TIMEOUT_S),
+        )
         for reading in state.gpus:
             if reading.index == gpu:
                 return reading
@@ -68,15 +92,21 @@ class RemoteTwinDevices:
         return self._clocks
 
     def set_locked_clocks(self, gpus: Sequence[int], min_mhz: int, max_mhz: int) -> None:
-        request = pb.SetLockedClocksRequest(min_mhz=min_mhz, max_mhz=max_mhz,
-                                            gpu_indices=list(gpus))
-        self._call("set locked clocks",
-                   lambda: self._stub.SetLockedClocks(request, timeout=CALL_TIMEOUT_S))
+        request = pb.SetLockedClocksRequest(
+            min_mhz=min_mhz, max_mhz=max_mhz, gpu_indices=list(gpus)
+        )
+        self._call(
+            "set locked clocks", lambda: self._stub.SetLockedClocks(request, timeout=CALL_TIMEOUT_S)
+        )
+        self._held = request
 
     def reset_locked_clocks(self, gpus: Sequence[int]) -> None:
+        self._held = None
         request = pb.ResetLockedClocksRequest(gpu_indices=list(gpus))
-        self._call("reset locked clocks",
-                   lambda: self._stub.ResetLockedClocks(request, timeout=CALL_TIMEOUT_S))
+        self._call(
+            "reset locked clocks",
+            lambda: self._stub.ResetLockedClocks(request, timeout=CALL_TIMEOUT_S),
+        )
 
     def sm_clock_mhz(self, gpu: int) -> int:
         return int(self._reading(gpu).sm_clock_mhz)
@@ -91,6 +121,8 @@ class RemoteTwinDevices:
         return int(self._reading(gpu).power_limit_mw)
 
     def close(self) -> None:
+        self._stop.set()
+        self._renewer.join(timeout=2.0)
         self._channel.close()
 
 
@@ -98,5 +130,6 @@ class RemoteTwinDriver(GuardedClockDriver):
     """The clock driver of a served twin engine, reached at its telemetry endpoint."""
 
     def __init__(self, endpoint: str, *, observe_only: bool = False) -> None:
-        super().__init__(RemoteTwinDevices(endpoint), name=f"twin at {endpoint}",
-                         observe_only=observe_only)
+        super().__init__(
+            RemoteTwinDevices(endpoint), name=f"twin at {endpoint}", observe_only=observe_only
+        )

@@ -21,6 +21,8 @@ instance's GpuControl endpoint (`TwinGpuControl`).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,15 +46,50 @@ logger = logging.getLogger(__name__)
 DEFAULT_GPU = "A100-SXM4-40GB"
 DEFAULT_MODEL = "llama-3-8b"
 DEFAULT_JITTER = 0.02
+# Wall seconds a clock lock lasts without renewal, and how often lapses are checked: a dead
+# controller's lock is gone within CLOCK_LEASE_S + LEASE_CHECK_S of its last renewal.
+CLOCK_LEASE_S = 1.5
+LEASE_CHECK_S = 0.1
 
 
 class TwinGpuControl:
-    """The GpuControl surface over the twin's GPUs; indices are the engine's GPU indices."""
+    """The GpuControl surface over the twin's GPUs; indices are the engine's GPU indices.
 
-    def __init__(self, gpus: Sequence[TwinGpu], indices: Sequence[int]) -> None:
+    Locks are leased, as the clock daemon leases real ones: a lock lapses (the GPU goes back to
+    its default clocks) `lease_s` wall seconds after the last set call, so a controller that
+    dies, SIGKILL included, cannot leave the twin throttled. A live controller renews by
+    repeating its set call (controller/gpu/remote_twin.py does, every LEASE_RENEW_S).
+    """
+
+    def __init__(
+        self, gpus: Sequence[TwinGpu], indices: Sequence[int], lease_s: float = CLOCK_LEASE_S
+    ) -> None:
         if len(gpus) != len(indices):
             raise ValueError("one index per GPU")
         self._by_index = dict(zip(indices, gpus, strict=True))
+        self.lease_s = lease_s
+        self._expires: dict[int, float] = {}  # GPU index -> monotonic time its lock lapses
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="twin clock lease", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(LEASE_CHECK_S):
+            now = time.monotonic()
+            with self._mutex:
+                lapsed = [i for i, t in self._expires.items() if t <= now]
+                for i in lapsed:
+                    del self._expires[i]
+            for i in lapsed:
+                logger.warning("twin GPU %d: clock lease lapsed: back to default clocks", i)
+                try:
+                    self._by_index[i].reset_locked_clocks()
+                except TwinNvmlError as e:
+                    logger.warning("twin GPU %d: reset failed: %s", i, e)
+
+    def close(self) -> None:
+        self._stop.set()
 
     def gpu_indices(self) -> list[int]:
         return list(self._by_index)
@@ -83,9 +120,16 @@ class TwinGpuControl:
 
     def set_locked_clocks(self, min_mhz: int, max_mhz: int, indices: Sequence[int]) -> None:
         self._each(indices, "set_locked_clocks", (min_mhz, max_mhz))
+        with self._mutex:
+            until = time.monotonic() + self.lease_s
+            for i in indices or self.gpu_indices():
+                self._expires[i] = until
 
     def reset_locked_clocks(self, indices: Sequence[int]) -> None:
         self._each(indices, "reset_locked_clocks", ())
+        with self._mutex:
+            for i in indices or self.gpu_indices():
+                self._expires.pop(i, None)
 
     def readings(self) -> list[GpuReading]:
         return [

@@ -188,6 +188,31 @@ class Stream:
             if msg.final:
                 return out
 
+    def collect_all(self, request_ids: list[str], timeout_s: float = WAIT_S) -> dict[str, Outcome]:
+        """Messages of many concurrent requests, each until its FINAL one."""
+        out = {rid: Outcome() for rid in request_ids}
+        for msg in self.stray:
+            if msg.request_id in out:
+                out[msg.request_id].messages.append(msg)
+        self.stray = [m for m in self.stray if m.request_id not in out]
+        open_ids = {rid for rid, o in out.items() if not o.finals}
+        deadline = time.monotonic() + timeout_s
+        while open_ids:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no final response for {sorted(open_ids)[:5]} in time")
+            try:
+                msg = self._inbox.get(timeout=left)
+            except queue.Empty:
+                continue
+            if msg.request_id not in out:
+                self.stray.append(msg)
+                continue
+            out[msg.request_id].messages.append(msg)
+            if msg.final:
+                open_ids.discard(msg.request_id)
+        return out
+
     def call(self, request_id: str, inputs: list[Any], **kw: Any) -> Outcome:
         self.send(request_id, inputs, **kw)
         return self.collect(request_id)
