@@ -35,11 +35,12 @@ def processes_using(folder: Path) -> list[int]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_until_signalled(tmp_path: Path, sig: signal.Signals) -> None:
     work = tmp_path / "work"
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(4)]
     cmd = [
         sys.executable, "-m", "throttllem.controller.cli", "serve", "--engine", "twin",
         "--speedup", "10", "--instances", "2", "--work-dir", str(work),
         "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+        "--controller-metrics-port", ports[3], "--perf-model", "oracle",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -51,12 +52,13 @@ def test_serve_until_signalled(tmp_path: Path, sig: signal.Signals) -> None:
             if not line:
                 break
             lines.append(line)
-            if "Ctrl-C to stop" in line:
+            if "controller running" in line:
                 break
         output = "".join(lines)
         assert "ready" in output, output
         assert f"HTTP http://127.0.0.1:{ports[0]}" in output
         assert output.count("telemetry tensorrt_llm/tensorrt_llm_0_") == 2
+        assert f"controller running, metrics http://127.0.0.1:{ports[3]}/metrics" in output
         assert processes_using(work), "no tritonserver running"
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == 0
