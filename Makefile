@@ -29,10 +29,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not soak"
 
 demo: $(STAMP)
-	$(VENV)/bin/throttllem twin run --gpu A100-SXM4-40GB --model llama-3-8b --tp 1 \
-		--clock-mhz 1410 --batch 32 --prompt-tokens 512 --output-tokens 128
-	$(VENV)/bin/throttllem twin run --gpu A100-SXM4-40GB --model llama-3-8b --tp 1 \
-		--clock-mhz 900 --batch 32 --prompt-tokens 512 --output-tokens 128
+	$(VENV)/bin/throttllem demo --out demo-out
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -7,7 +7,15 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import cli_clockd, cli_controller, cli_model, cli_serve, cli_simulate, cli_twin
+from . import (
+    cli_clockd,
+    cli_controller,
+    cli_demo,
+    cli_model,
+    cli_serve,
+    cli_simulate,
+    cli_twin,
+)
 
 # Exit status for bad command-line input, as argparse uses.
 EXIT_USAGE = 2
@@ -32,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_model.add_parsers(sub)
     cli_simulate.add_parser(sub)
     cli_controller.add_parser(sub)
+    cli_demo.add_parser(sub)
     return parser
 
 

@@ -85,26 +85,47 @@ def add_parser(sub: Any) -> None:
         default="none",
         help="explicit: Triton's model-control API on (load/unload, instance changes)",
     )
-    p.add_argument("--no-controller", action="store_true",
-                   help="serve only: do not start the clock controller beside Triton")
-    p.add_argument("--controller-metrics-port", type=int, default=9400,
-                   help="the controller's Prometheus port on 127.0.0.1 (default 9400; 0: none)")
-    p.add_argument("--perf-model", default="auto",
-                   help="controller performance model: auto, oracle, or a .cbm file")
+    p.add_argument(
+        "--no-controller",
+        action="store_true",
+        help="serve only: do not start the clock controller beside Triton",
+    )
+    p.add_argument(
+        "--controller-metrics-port",
+        type=int,
+        default=9400,
+        help="the controller's Prometheus port on 127.0.0.1 (default 9400; 0: none)",
+    )
+    p.add_argument(
+        "--perf-model",
+        default="auto",
+        help="controller performance model: auto, oracle, or a .cbm file",
+    )
     for name in ("ttft", "tbt", "e2e"):
-        p.add_argument(f"--slo-{name}-ms", type=float, default=None,
-                       help=f"the controller's default {name.upper()} target (engine time)")
+        p.add_argument(
+            f"--slo-{name}-ms",
+            type=float,
+            default=None,
+            help=f"the controller's default {name.upper()} target (engine time)",
+        )
     p.set_defaults(handler=run_serve)  # fmt: skip
 
 
-def start_controller(args: argparse.Namespace, registry: Path,
-                     stop: threading.Event) -> threading.Thread:
+def start_controller(
+    args: argparse.Namespace, registry: Path, stop: threading.Event
+) -> threading.Thread:
     """The sidecar in a thread of this process; it resets every clock it set when it ends."""
     from .cli_controller import DEFAULTS, build_sidecar
 
-    settings = {**DEFAULTS, "registry_dir": str(registry), "perf_model": args.perf_model,
-                "metrics_port": args.controller_metrics_port, "slo_ttft_ms": args.slo_ttft_ms,
-                "slo_tbt_ms": args.slo_tbt_ms, "slo_e2e_ms": args.slo_e2e_ms}
+    settings = {
+        **DEFAULTS,
+        "registry_dir": str(registry),
+        "perf_model": args.perf_model,
+        "metrics_port": args.controller_metrics_port,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_tbt_ms": args.slo_tbt_ms,
+        "slo_e2e_ms": args.slo_e2e_ms,
+    }
     sidecar = build_sidecar(settings)
     if settings["metrics_port"]:
         sidecar.metrics.serve(settings["metrics_port"], "127.0.0.1")
@@ -184,8 +205,11 @@ def run_serve(args: argparse.Namespace) -> int:
         if not args.no_controller:
             controller = start_controller(args, registry, stop)
             port = args.controller_metrics_port
-            print("throttllem serve: controller running"
-                  + (f", metrics http://127.0.0.1:{port}/metrics" if port else ""), flush=True)
+            print(
+                "throttllem serve: controller running"
+                + (f", metrics http://127.0.0.1:{port}/metrics" if port else ""),
+                flush=True,
+            )
         while not stop.wait(0.5):
             if not server.running():
                 tail = server.log_tail()
