@@ -37,6 +37,19 @@ class TrackedRequest:
     predicted_at_arrival: int
     generated: int = 0
     first_token_s: float | None = None
+    # Absolute targets in the controller's time base, inf where the request has no such SLO:
+    # computed once here, read at every decision.
+    ttft_deadline_s: float = INF
+    e2e_deadline_s: float = INF
+    tbt_target_s: float = INF
+
+    def __post_init__(self) -> None:
+        if self.slo.ttft_s is not None:
+            self.ttft_deadline_s = self.arrival_s + self.slo.ttft_s
+        if self.slo.e2e_s is not None:
+            self.e2e_deadline_s = self.arrival_s + self.slo.e2e_s
+        if self.slo.tbt_s is not None:
+            self.tbt_target_s = self.slo.tbt_s
 
 
 @dataclass(frozen=True)
@@ -176,24 +189,12 @@ class Scoreboard:
         def ints(values: list[int]) -> npt.NDArray[np.int64]:
             return np.array(values, dtype=np.int64)
 
-        def deadline(
-            reqs: list[TrackedRequest], attr: str, base: str | None
-        ) -> npt.NDArray[np.float64]:
-            out = []
-            for r in reqs:
-                target = getattr(r.slo, attr)
-                if target is None:
-                    out.append(INF)
-                else:
-                    out.append(target + (getattr(r, base) if base else 0.0))
-            return np.array(out, dtype=np.float64)
+        def floats(values: list[float]) -> npt.NDArray[np.float64]:
+            return np.array(values, dtype=np.float64)
 
+        predict = self.predictor.predict
         remaining = [
-            max(
-                self.predictor.predict(r.prompt_tokens, r.max_tokens, r.generated, r.length_hint)
-                - r.generated,
-                1,
-            )
+            max(predict(r.prompt_tokens, r.max_tokens, r.generated, r.length_hint) - r.generated, 1)
             for r in run
         ]
         running = RunningRequests(
@@ -203,23 +204,18 @@ class Scoreboard:
         )
         queued = QueuedRequests(
             ints([r.prompt_tokens for r in wait]),
-            ints(
-                [
-                    self.predictor.predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint)
-                    for r in wait
-                ]
-            ),
+            ints([predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint) for r in wait]),
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
         )
         deadlines = RequestDeadlines(
             running_ids=tuple(str(r.request_id) for r in run),
-            running_e2e_deadline_s=deadline(run, "e2e_s", "arrival_s"),
-            running_tbt_target_s=deadline(run, "tbt_s", None),
-            running_first_token_s=np.array([r.first_token_s for r in run], dtype=np.float64),
+            running_e2e_deadline_s=floats([r.e2e_deadline_s for r in run]),
+            running_tbt_target_s=floats([r.tbt_target_s for r in run]),
+            running_first_token_s=floats([r.first_token_s or 0.0 for r in run]),
             running_generated=ints([r.generated for r in run]),
             queued_ids=tuple(str(r.request_id) for r in wait),
-            queued_ttft_deadline_s=deadline(wait, "ttft_s", "arrival_s"),
-            queued_e2e_deadline_s=deadline(wait, "e2e_s", "arrival_s"),
-            queued_tbt_target_s=deadline(wait, "tbt_s", None),
+            queued_ttft_deadline_s=floats([r.ttft_deadline_s for r in wait]),
+            queued_e2e_deadline_s=floats([r.e2e_deadline_s for r in wait]),
+            queued_tbt_target_s=floats([r.tbt_target_s for r in wait]),
         )
         return DecisionInputs(running, queued, deadlines)
