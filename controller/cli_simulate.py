@@ -135,11 +135,10 @@ def _simulate(args: argparse.Namespace) -> int:
             workload = read_trace(args.trace)
         except TraceError as e:
             raise UsageError(str(e)) from e
-        if args.duration:
-            workload = workload.window(
-                0.0, args.duration * workload.rate_per_s / (capacity.rate_per_s * args.load)
-            )
+        # The whole trace is rescaled to the target rate, then --duration seconds are taken.
         workload = scale_to_load(workload, capacity, args.load)
+        if args.duration:
+            workload = workload.window(0.0, args.duration)
     workload = workload.clipped(model.max_context)
     if workload.clipped_prompts:
         print(
