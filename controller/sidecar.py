@@ -145,7 +145,10 @@ class Sidecar:
 
     def _detach(self, endpoint: str) -> None:
         inst = self.instances.pop(endpoint)
-        inst.link.close()
+        try:
+            inst.link.close()
+        except Exception as e:  # the GPUs must be reset whatever the link does
+            log.info("closing the telemetry link of %s: %s", endpoint, e)
         try:
             inst.driver.close()
         except Exception as e:

@@ -5,6 +5,9 @@ Imported only when `engine` is `tensorrtllm`; `tensorrt_llm` itself is imported 
 `build_trtllm_engine`, so this module loads on machines without it (for the unit tests, which pass
 a stand-in `api`). Unlike the reference model, iteration statistics are always enabled
 (`iter_stats_max_iterations`, default 1000): the controller lives on them.
+
+The real GPUs' state (SM clock, power, energy) is read for the model's metrics through NVML,
+read-only, by `gpu_state.NvmlGpuState` on the engine's `gpu_device_ids` (default 0..tp-1).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ twin's (engines/twin.py):
     telemetry_port             0 (default): a free port; B > 0: B + instance ordinal
     telemetry_registry_dir     default $TMPDIR/throttllem-registry (telemetry/discovery.py)
     telemetry_buffer_events    per-subscriber buffer (default 16384 events)
+    gpu_metrics_period_ms      how often the GPU state metrics (gpu_metrics.py) are sampled
+                               (default 1000; 0: not exported)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from ..engines.base import Engine
+from ..engines.gpu_state import gpu_state_source
 from ..params import ParameterError, Parameters
 from ..telemetry.discovery import (
     InstanceEndpoint,
@@ -49,6 +52,7 @@ from .convert import (
     is_stop_request,
     parse_parameters,
 )
+from .gpu_metrics import GpuMetrics
 from .metrics import TritonMetrics
 from .outputs import Outputs
 from .serving import ErrorKind, ServingCore
@@ -175,13 +179,25 @@ class LlmModel:
         )  # fmt: skip
         self._server: TelemetryServer | None = None
         self._registry_path: Path | None = None
+        self._gpu_metrics: GpuMetrics | None = None
         try:
             if params.get_bool("telemetry_enabled", True):
                 self._start_telemetry(params, config, engine, version)
+            self._start_gpu_metrics(params, engine)
             self._core.start()
         except BaseException:
+            if self._gpu_metrics is not None:
+                self._gpu_metrics.close()
             engine.shutdown()
             raise
+
+    def _start_gpu_metrics(self, params: Parameters, engine: Engine) -> None:
+        period_ms = params.get_int("gpu_metrics_period_ms", 1000, minimum=0)
+        source = gpu_state_source(engine) if period_ms else None
+        if not period_ms or source is None:
+            return
+        self._gpu_metrics = GpuMetrics(pb_utils, source, self._instance, period_ms / 1000.0)
+        self._gpu_metrics.start()
 
     def _start_telemetry(
         self, params: Parameters, config: dict[str, Any], engine: Engine, version: str
@@ -264,6 +280,8 @@ class LlmModel:
     def finalize(self) -> None:
         if self._registry_path is not None:
             unregister(self._registry_path, os.getpid())
+        if self._gpu_metrics is not None:
+            self._gpu_metrics.close()
         try:
             self._core.shutdown()
         finally:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
+import urllib.request
+from collections.abc import Callable
 
 import grpc
 import pytest
-from triton_support import LLM, Stream, Telemetry, endpoints, llm_inputs, wait_drained
+from prometheus_client.parser import text_string_to_metric_families
+from triton_support import LLM, WAIT_S, Stream, Telemetry, endpoints, llm_inputs, wait_drained
 
+from throttllem.backend.twin.hardware import default_catalog
 from throttllem.controller.triton_launcher import TritonServer
 from throttllem.v1 import telemetry_pb2 as pb
 
@@ -109,3 +114,77 @@ def test_twin_clock_control(telemetry: Telemetry) -> None:
     )
     energy = telemetry.gpu.GetGpuState(pb.GetGpuStateRequest()).gpus[0].total_energy_mj
     assert energy > 0
+
+
+GPU_FAMILIES = {
+    "throttllem_gpu_sm_clock_mhz": "gauge",
+    "throttllem_gpu_power_w": "gauge",
+    "throttllem_gpu_energy_joules_total": "counter",
+}
+
+
+def gpu_metrics(triton: TritonServer, instance: str) -> dict[str, float]:
+    """The throttllem_gpu_* samples of GPU 0 of `instance`, scraped from Triton's metrics port."""
+    url = f"http://{triton.host}:{triton.ports.metrics}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if name in GPU_FAMILIES and sample.labels.get("model_instance") == instance:
+                assert family.type == GPU_FAMILIES[name], (name, family.type)
+                assert sample.labels["gpu"] == "0", sample.labels
+                out[name] = sample.value
+    return out
+
+
+def scrape_until(
+    triton: TritonServer, instance: str, check: Callable[[dict[str, float]], bool]
+) -> dict[str, float]:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        seen = gpu_metrics(triton, instance)
+        if check(seen):
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics of {instance}: condition not met in time: {seen}")
+        time.sleep(0.05)
+
+
+def test_gpu_state_on_the_metrics_port(
+    triton: TritonServer, telemetry: Telemetry, stream: Stream
+) -> None:
+    (entry,) = endpoints(triton, LLM)
+    instance = entry.instance_name
+    clocks = default_catalog().gpu("A100-SXM4-40GB").supported_clocks_mhz()
+    first = scrape_until(triton, instance, lambda m: set(m) == set(GPU_FAMILIES))
+    assert first["throttllem_gpu_sm_clock_mhz"] in clocks
+    assert first["throttllem_gpu_power_w"] > 0
+    assert first["throttllem_gpu_energy_joules_total"] > 0
+
+    # A request costs energy: the counter grows.
+    outcome = stream.call("gpu-energy", llm_inputs(64, 64))
+    assert outcome.error is None and len(outcome.tokens) == 64
+    scrape_until(
+        triton,
+        instance,
+        lambda m: (
+            m["throttllem_gpu_energy_joules_total"] > first["throttllem_gpu_energy_joules_total"]
+        ),
+    )
+
+    # The exported clock is the GPU's: a lock (renewed, as a controller does) shows up.
+    mid = clocks[len(clocks) // 2]
+    lock = pb.SetLockedClocksRequest(min_mhz=mid, max_mhz=mid)
+    assert mid not in (clocks[0], clocks[-1])  # neither the loaded nor the idle clock
+
+    def locked(m: dict[str, float]) -> bool:
+        telemetry.gpu.SetLockedClocks(lock)
+        return m["throttllem_gpu_sm_clock_mhz"] == mid
+
+    try:
+        scrape_until(triton, instance, locked)
+    finally:
+        telemetry.gpu.ResetLockedClocks(pb.ResetLockedClocksRequest())
+    back = scrape_until(triton, instance, lambda m: m["throttllem_gpu_sm_clock_mhz"] != mid)
+    assert back["throttllem_gpu_sm_clock_mhz"] in clocks

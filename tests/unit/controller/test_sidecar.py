@@ -1,0 +1,423 @@
+"""The sidecar's fault handling: telemetry silence, snapshot rebuilds, and clocks reset on close.
+
+Real parts wherever they can be: the sidecar builds its own InstanceControllers, scoreboards and
+IPS tables, and actuates through the real `TwinDriver` over in-process twin GPUs. Only the
+transport is faked: `discover` returns registry entries from a list, and `InstanceLink` is a fake
+whose `connected` and `last_heard_monotonic` the tests set, and that pushes `Delivery`s into the
+sidecar's inbox as the real link's thread would. Time moves by setting those fields and the fake
+engine clock, then calling `sidecar.step()`: nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from throttllem.backend.telemetry.discovery import InstanceEndpoint
+from throttllem.backend.twin.gpu import TwinGpu
+from throttllem.backend.twin.hardware import GpuSpec, default_catalog
+from throttllem.backend.twin.time_source import VirtualTime
+from throttllem.controller import sidecar as sidecar_module
+from throttllem.controller.events import Arrived, Event, InFlight, Slo
+from throttllem.controller.gpu.driver import ClockDriver
+from throttllem.controller.gpu.twin_driver import TwinDriver
+from throttllem.controller.perf_model import FEATURES, PerformanceModel
+from throttllem.controller.sidecar import Sidecar, SidecarConfig
+from throttllem.controller.telemetry_client import Delivery
+from throttllem.v1 import telemetry_pb2 as pb
+
+TIMEOUT_S = 3.0
+COL = {name: i for i, name in enumerate(FEATURES)}
+
+
+class AnalyticModel:
+    """IPS falling with work and rising with the clock: enough for the policy to pick clocks."""
+
+    def predict_ips(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        f = features[:, COL["sm_clock_mhz"]]
+        ms = (
+            8.0
+            + 0.02 * features[:, COL["kv_blocks"]] / 64
+            + (2.0 + 0.05 * features[:, COL["batch_size"]] + 0.01 * features[:, COL["ctx_tokens"]])
+            * (1410.0 / f)
+        )
+        return np.asarray(1000.0 / ms, dtype=np.float64)
+
+
+class CountingTwinGpu(TwinGpu):
+    """A twin GPU that counts the lock and reset calls reaching it."""
+
+    def __init__(self, spec: GpuSpec, time_source: VirtualTime, index: int) -> None:
+        super().__init__(spec, time_source, index=index, clock_change_latency_ms=0.0)
+        self.sets = 0
+        self.resets = 0
+
+    def set_locked_clocks(self, min_mhz: int, max_mhz: int) -> None:
+        self.sets += 1
+        super().set_locked_clocks(min_mhz, max_mhz)
+
+    def reset_locked_clocks(self) -> None:
+        self.resets += 1
+        super().reset_locked_clocks()
+
+
+@dataclass
+class FakeEngineClock:
+    """The engine's time base (EngineClock's `now_s`), moved by the test."""
+
+    t_s: float = 0.0
+
+    def now_s(self) -> float:
+        return self.t_s
+
+
+class FakeLink:
+    """Stands in for `InstanceLink`: same attributes the sidecar reads, no gRPC, no thread."""
+
+    def __init__(self, endpoint: str, out: queue.Queue[Delivery], info: pb.EngineInfo) -> None:
+        self.endpoint = endpoint
+        self.info = info
+        self.clock = FakeEngineClock()
+        self.connected = True
+        self.gaps = 0
+        self.last_heard_monotonic = time.monotonic()
+        self.closed = False
+        self.fail_on_close = False
+        self._out = out
+
+    def deliver(self, events: list[Event], snapshot: list[InFlight] | None = None) -> None:
+        """What the real link's thread does with a batch: hear it, and queue it."""
+        self.connected = True
+        self.last_heard_monotonic = time.monotonic()
+        self._out.put(Delivery(self.endpoint, events, snapshot))
+
+    def go_silent(self, for_s: float, *, connected: bool = False) -> None:
+        """The stream dropped (or stalled) `for_s` seconds ago and nothing arrived since."""
+        self.connected = connected
+        self.last_heard_monotonic = time.monotonic() - for_s
+
+    def close(self) -> None:
+        self.closed = True
+        if self.fail_on_close:
+            raise RuntimeError("channel already torn down")
+
+
+def engine_info(name: str, tp: int) -> pb.EngineInfo:
+    return pb.EngineInfo(
+        instance_name=name,
+        engine_kind="twin",
+        llm="llama-2-13b",
+        gpu_name="A100-SXM4-40GB",
+        tp_size=tp,
+        gpu_indices=list(range(tp)),
+        max_batch_size=64,
+        kv_max_blocks=2000,
+        kv_tokens_per_block=64,
+        scheduler_policy="GUARANTEED_NO_EVICT",
+        default_slo=pb.Slo(ttft_ms=1000, tbt_ms=200, e2e_ms=30_000),
+    )
+
+
+class Harness:
+    """A Sidecar over fake links and real twin drivers, one per registered instance."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, *, with_model: bool = True, tp: int = 2
+    ) -> None:
+        self.spec = default_catalog().gpu("A100-SXM4-40GB")
+        self.gpu_time = VirtualTime()
+        self.tp = tp
+        self.registry: list[InstanceEndpoint] = []
+        self.links: dict[str, FakeLink] = {}
+        self.gpus: dict[str, list[CountingTwinGpu]] = {}
+        self.drivers: dict[str, TwinDriver] = {}
+        self._with_model = with_model
+
+        def fake_discover(registry_dir: object, model_name: str) -> list[InstanceEndpoint]:
+            return [e for e in self.registry if e.model_name == model_name]
+
+        def fake_link(endpoint: str, out: queue.Queue[Delivery]) -> FakeLink:
+            link = FakeLink(endpoint, out, engine_info(f"inst@{endpoint}", self.tp))
+            self.links[endpoint] = link
+            return link
+
+        monkeypatch.setattr(sidecar_module, "discover", fake_discover)
+        monkeypatch.setattr(sidecar_module, "InstanceLink", fake_link)
+        self.sidecar = Sidecar(
+            SidecarConfig(telemetry_timeout_s=TIMEOUT_S), self._model, self._driver
+        )
+
+    def _model(self, link: object) -> PerformanceModel | None:
+        return AnalyticModel() if self._with_model else None
+
+    def _driver(self, link: object) -> ClockDriver:
+        endpoint = link.endpoint  # type: ignore[attr-defined]
+        base = 10 * len(self.gpus)  # distinct NVML indices per instance
+        gpus = [CountingTwinGpu(self.spec, self.gpu_time, base + i) for i in range(self.tp)]
+        self.gpus[endpoint] = gpus
+        self.drivers[endpoint] = TwinDriver(gpus)
+        return self.drivers[endpoint]
+
+    def register(self, endpoint: str) -> FakeLink:
+        self.registry.append(
+            InstanceEndpoint(
+                "throttllem.v1",
+                "tensorrt_llm",
+                "1",
+                f"inst@{endpoint}",
+                endpoint,
+                pid=1,
+                started_unix_ns=0,
+                engine_kind="twin",
+                gpu_control=True,
+            )
+        )
+        self.sidecar.discover()
+        return self.links[endpoint]
+
+    def locks(self, endpoint: str) -> list[tuple[int, int] | None]:
+        return [g.locked_clocks_mhz() for g in self.gpus[endpoint]]
+
+    def resets(self, endpoint: str) -> int:
+        return sum(g.resets for g in self.gpus[endpoint])
+
+    def decisions(self, endpoint: str) -> int:
+        controller = self.sidecar.instances[endpoint].controller
+        assert controller is not None
+        return len(controller.decisions)
+
+    def tick(self, endpoint: str, engine_s: float) -> None:
+        """Move the engine clock past a decision period, then run one sidecar step."""
+        self.links[endpoint].clock.t_s += engine_s
+        self.sidecar.step()
+
+
+@pytest.fixture
+def harness(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    h = Harness(monkeypatch)
+    yield h
+    h.sidecar.close()
+
+
+def arrived(request_id: int, t_s: float, prompt: int = 512) -> Arrived:
+    return Arrived(request_id, t_s, prompt, max_tokens=256, slo=Slo())
+
+
+# ---- (a) telemetry silence ---------------------------------------------------------------------
+
+
+def test_first_step_locks_every_gpu_of_the_instance(harness: Harness) -> None:
+    harness.register("a:1")
+    harness.sidecar.step()
+    locks = harness.locks("a:1")
+    assert len(locks) == 2 and all(lock is not None for lock in locks)
+    assert locks[0] == locks[1]
+    assert harness.decisions("a:1") == 1
+
+
+def test_silence_while_disconnected_resets_once_and_stops_deciding(harness: Harness) -> None:
+    link = harness.register("a:1")
+    harness.sidecar.step()
+    assert all(lock is not None for lock in harness.locks("a:1"))
+    decided = harness.decisions("a:1")
+
+    link.go_silent(TIMEOUT_S + 1.0)
+    harness.tick("a:1", 1.0)
+    assert harness.locks("a:1") == [None, None]
+    assert harness.resets("a:1") == 2  # one reset call per GPU
+    assert harness.sidecar.instances["a:1"].reset_for_silence
+
+    for _ in range(5):  # the silence goes on: no more resets, no decisions
+        harness.tick("a:1", 1.0)
+    assert harness.resets("a:1") == 2
+    assert harness.decisions("a:1") == decided
+    assert harness.locks("a:1") == [None, None]
+
+
+def test_decides_and_locks_again_when_telemetry_comes_back(harness: Harness) -> None:
+    link = harness.register("a:1")
+    harness.sidecar.step()
+    before = harness.locks("a:1")
+    link.go_silent(TIMEOUT_S + 1.0)
+    harness.tick("a:1", 1.0)
+    assert harness.locks("a:1") == [None, None]
+    decided = harness.decisions("a:1")
+
+    link.deliver([arrived(1, link.clock.t_s)])  # the link reconnected and heard a batch
+    harness.tick("a:1", 1.0)
+    assert not harness.sidecar.instances["a:1"].reset_for_silence
+    assert harness.decisions("a:1") > decided
+    # The governor forgot its clock at the reset, so the lock is written again even though the
+    # policy may choose the same clock as before the silence.
+    assert all(lock is not None for lock in harness.locks("a:1"))
+    assert before[0] is not None
+
+    # A second silence is a new one: reset again, once.
+    link.go_silent(TIMEOUT_S + 1.0)
+    harness.tick("a:1", 1.0)
+    harness.tick("a:1", 1.0)
+    assert harness.resets("a:1") == 4
+    assert harness.locks("a:1") == [None, None]
+
+
+def test_short_disconnect_does_not_reset(harness: Harness) -> None:
+    link = harness.register("a:1")
+    harness.sidecar.step()
+    link.go_silent(TIMEOUT_S / 3)
+    harness.tick("a:1", 1.0)
+    assert harness.resets("a:1") == 0
+    assert all(lock is not None for lock in harness.locks("a:1"))
+
+
+def test_silent_but_connected_stream_is_not_lost(harness: Harness) -> None:
+    """An idle engine sends nothing; a stream that is still up is not a lost one."""
+    link = harness.register("a:1")
+    harness.sidecar.step()
+    decided = harness.decisions("a:1")
+    link.go_silent(TIMEOUT_S * 10, connected=True)
+    harness.tick("a:1", 1.0)
+    assert harness.resets("a:1") == 0
+    assert harness.decisions("a:1") == decided + 1  # the periodic decision still runs
+
+
+def test_silence_resets_only_the_silent_instance(harness: Harness) -> None:
+    quiet = harness.register("a:1")
+    harness.register("b:2")
+    harness.sidecar.step()
+    assert all(lock is not None for lock in harness.locks("b:2"))
+    quiet.go_silent(TIMEOUT_S + 1.0)
+    harness.sidecar.step()
+    assert harness.locks("a:1") == [None, None]
+    assert harness.resets("b:2") == 0
+    assert all(lock is not None for lock in harness.locks("b:2"))
+
+
+# ---- (b) snapshot rebuilds ---------------------------------------------------------------------
+
+
+def test_snapshot_replaces_the_scoreboard_then_events_apply_on_top(harness: Harness) -> None:
+    link = harness.register("a:1")
+    link.deliver([arrived(1, 0.0), arrived(2, 0.0)])
+    harness.sidecar.step()
+    controller = harness.sidecar.instances["a:1"].controller
+    assert controller is not None
+    assert set(controller.scoreboard.requests) == {1, 2}
+    link.clock.t_s = 5.0
+    snapshot = [
+        InFlight(2, 0.0, 512, 256, output_tokens=40, first_token_s=0.5),
+        InFlight(3, 1.0, 128, 64, output_tokens=0, first_token_s=None, slo=Slo(e2e_s=9.0)),
+    ]
+    link.deliver([arrived(4, 4.9)], snapshot)
+    harness.sidecar.step()
+    assert controller.decisions[-1].trigger == "arrival"  # the event after the rebuild
+
+    board = controller.scoreboard
+    assert set(board.requests) == {2, 3, 4}  # 1 is gone: the engine no longer has it
+    assert board.requests[2].generated == 40
+    assert board.requests[2].first_token_s == 0.5
+    assert board.requests[3].first_token_s is None
+    assert board.requests[3].e2e_deadline_s == pytest.approx(10.0)  # the request's own SLO
+    assert board.requests[3].ttft_deadline_s == pytest.approx(2.0)  # the deployment default
+    last = controller.decisions[-1]
+    assert last.time_s == 5.0  # decided at once, on the rebuilt state
+    assert last.running + last.queued == 3
+
+
+def test_empty_snapshot_clears_the_scoreboard(harness: Harness) -> None:
+    link = harness.register("a:1")
+    link.deliver([arrived(1, 0.0), arrived(2, 0.0)])
+    harness.sidecar.step()
+    link.deliver([], [])
+    link.clock.t_s = 0.01  # before the next periodic decision is due
+    harness.sidecar.step()
+    controller = harness.sidecar.instances["a:1"].controller
+    assert controller is not None
+    assert len(controller.scoreboard) == 0
+    assert controller.decisions[-1].trigger == "snapshot"
+
+
+def test_snapshot_reapplies_the_clock_in_force(harness: Harness) -> None:
+    """After a rebuild the GPU may have been reset behind the controller's back (backend
+    restart): the same clock is sent again instead of being skipped as unchanged."""
+    link = harness.register("a:1")
+    harness.sidecar.step()
+    controller = harness.sidecar.instances["a:1"].controller
+    assert controller is not None
+    first = controller.decisions[-1]
+    assert first.applied_mhz is not None
+    harness.tick("a:1", 1.0)  # a periodic decision: same clock, nothing sent
+    assert controller.decisions[-1].trigger == "period"
+    assert controller.decisions[-1].applied_mhz is None
+
+    link.deliver([], [])
+    link.clock.t_s += 0.01
+    harness.sidecar.step()
+    last = controller.decisions[-1]
+    assert last.trigger == "snapshot"
+    assert last.chosen_mhz == first.chosen_mhz
+    assert last.applied_mhz == first.chosen_mhz
+
+
+def test_delivery_for_an_unknown_instance_is_dropped(harness: Harness) -> None:
+    link = harness.register("a:1")
+    link.deliver([arrived(1, 0.0)])
+    harness.sidecar._inbox.put(
+        Delivery("gone:9", [arrived(2, 0.0)], [InFlight(3, 0, 1, 1, 0, None)])
+    )
+    harness.sidecar.step()
+    controller = harness.sidecar.instances["a:1"].controller
+    assert controller is not None
+    assert set(controller.scoreboard.requests) == {1}
+
+
+# ---- (c) close ---------------------------------------------------------------------------------
+
+
+def test_close_resets_every_locked_gpu_of_every_instance(harness: Harness) -> None:
+    harness.register("a:1")
+    harness.register("b:2")
+    harness.sidecar.step()
+    gpus = harness.gpus["a:1"] + harness.gpus["b:2"]
+    assert all(g.locked_clocks_mhz() is not None for g in gpus)
+
+    harness.sidecar.close()
+    assert all(g.locked_clocks_mhz() is None for g in gpus)
+    assert all(link.closed for link in harness.links.values())
+    assert harness.sidecar.instances == {}
+
+
+def test_close_resets_the_gpus_even_when_a_link_fails_to_close(harness: Harness) -> None:
+    first = harness.register("a:1")
+    harness.register("b:2")
+    harness.sidecar.step()
+    first.fail_on_close = True
+    harness.sidecar.close()
+    for endpoint in ("a:1", "b:2"):
+        assert harness.locks(endpoint) == [None, None]
+    assert harness.sidecar.instances == {}
+
+
+def test_close_writes_nothing_to_gpus_it_never_locked(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(monkeypatch, with_model=False)  # no performance model: observe only
+    h.register("a:1")
+    h.sidecar.step()
+    h.sidecar.close()
+    assert [(g.sets, g.resets) for g in h.gpus["a:1"]] == [(0, 0), (0, 0)]
+
+
+def test_vanished_instance_is_detached_and_its_gpus_reset(harness: Harness) -> None:
+    link = harness.register("a:1")
+    harness.sidecar.step()
+    assert all(lock is not None for lock in harness.locks("a:1"))
+    harness.registry.clear()  # the backend died: its registry entry is gone
+    link.connected = False
+    harness.sidecar.discover()
+    assert "a:1" not in harness.sidecar.instances
+    assert link.closed
+    assert harness.locks("a:1") == [None, None]
