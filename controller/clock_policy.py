@@ -211,7 +211,8 @@ def choose_clock(
     cons = _constraints(now_s, proj, deadlines)
     at_max = _check(proj, table, top, margin, work, cons, name_losses=True)
     lost = at_max.negative
-    nearly = tuple(r for r in lost if r not in set(at_max.hopeless))
+    hopeless = set(at_max.hopeless)
+    nearly = tuple(r for r in lost if r not in hopeless)
     if (lost and lost_fallback == "max") or nearly:
         return ClockChoice(
             int(clocks[top]),

@@ -42,8 +42,10 @@ class TrackedRequest:
     ttft_deadline_s: float = INF
     e2e_deadline_s: float = INF
     tbt_target_s: float = INF
+    key: str = ""
 
     def __post_init__(self) -> None:
+        self.key = str(self.request_id)  # the id the clock policy names requests by
         if self.slo.ttft_s is not None:
             self.ttft_deadline_s = self.arrival_s + self.slo.ttft_s
         if self.slo.e2e_s is not None:
@@ -141,7 +143,7 @@ class Scoreboard:
         """Replace everything with a snapshot's view (after connecting or a gap)."""
         old = self.requests
         self.requests = {}
-        for r in snapshot:
+        for r in sorted(snapshot, key=lambda r: (r.arrival_s, r.request_id)):
             previous = old.get(r.request_id)
             predicted = (
                 previous.predicted_at_arrival
@@ -181,7 +183,9 @@ class Scoreboard:
 
     def decision_inputs(self) -> DecisionInputs:
         """The arrays the projection and the clock policy read, requests in arrival order."""
-        ordered = sorted(self.requests.values(), key=lambda r: (r.arrival_s, r.request_id))
+        # Insertion order is arrival order (events arrive in order; rebuild() inserts in the
+        # snapshot's order), so no sort is needed on this hot path.
+        ordered = self.requests.values()
         run = [r for r in ordered if r.first_token_s is not None]
         wait = [r for r in ordered if r.first_token_s is None]
         tpb = self.tokens_per_block
@@ -208,12 +212,12 @@ class Scoreboard:
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
         )
         deadlines = RequestDeadlines(
-            running_ids=tuple(str(r.request_id) for r in run),
+            running_ids=tuple(r.key for r in run),
             running_e2e_deadline_s=floats([r.e2e_deadline_s for r in run]),
             running_tbt_target_s=floats([r.tbt_target_s for r in run]),
             running_first_token_s=floats([r.first_token_s or 0.0 for r in run]),
             running_generated=ints([r.generated for r in run]),
-            queued_ids=tuple(str(r.request_id) for r in wait),
+            queued_ids=tuple(r.key for r in wait),
             queued_ttft_deadline_s=floats([r.ttft_deadline_s for r in wait]),
             queued_e2e_deadline_s=floats([r.e2e_deadline_s for r in wait]),
             queued_tbt_target_s=floats([r.tbt_target_s for r in wait]),
