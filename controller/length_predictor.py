@@ -15,6 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
+import numpy as np
+import numpy.typing as npt
+
 # Until a bucket has seen this many requests, the prior below speaks for it.
 MIN_SAMPLES = 32
 # A log-normal fitted to the Azure LLM inference trace (conversation, 2023): median 129,
@@ -28,6 +31,7 @@ class _Bucket:
     window: int
     recent: deque[int] = field(default_factory=deque)
     ordered: list[int] = field(default_factory=list)
+    _array: npt.NDArray[np.int64] | None = None
 
     def add(self, tokens: int) -> None:
         if len(self.recent) == self.window:
@@ -35,6 +39,12 @@ class _Bucket:
             del self.ordered[bisect.bisect_left(self.ordered, old)]
         self.recent.append(tokens)
         bisect.insort(self.ordered, tokens)
+        self._array = None
+
+    def array(self) -> npt.NDArray[np.int64]:
+        if self._array is None:
+            self._array = np.array(self.ordered, dtype=np.int64)
+        return self._array
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,40 @@ class LengthPredictor:
             return max_tokens  # outlived every length seen: only max_tokens bounds it
         index = longer + int(self.quantile * (len(samples) - longer))
         return max(floor, min(samples[min(index, len(samples) - 1)], max_tokens))
+
+    def predict_many(
+        self,
+        prompt_tokens: npt.NDArray[np.int64],
+        max_tokens: npt.NDArray[np.int64],
+        generated: npt.NDArray[np.int64],
+        hint: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.int64]:
+        """`predict` for many requests at once (hint <= 0: none); the decision's hot path."""
+        floor = np.minimum(generated + 1, max_tokens)
+        out = np.maximum(floor, np.minimum(hint, max_tokens))
+        free = hint <= 0
+        if not free.any():
+            return out
+        index = np.log2(np.maximum(prompt_tokens, 1)).astype(np.int64) - 6
+        index = np.clip(index, 0, len(self._buckets) - 1)
+        for b in np.unique(index[free]):
+            sel = free & (index == b)
+            samples = self._buckets[int(b)].array()
+            n = samples.shape[0]
+            if n < MIN_SAMPLES:
+                prior = np.ceil(np.maximum(self._prior_tokens(), generated[sel] + 1))
+                out[sel] = np.maximum(
+                    floor[sel], np.minimum(prior.astype(np.int64), max_tokens[sel])
+                )
+                continue
+            longer = np.searchsorted(samples, generated[sel], side="right")
+            pick = np.minimum(longer + (self.quantile * (n - longer)).astype(np.int64), n - 1)
+            value = np.maximum(floor[sel], np.minimum(samples[pick], max_tokens[sel]))
+            out[sel] = np.where(longer == n, max_tokens[sel], value)
+        return out
+
+    def _prior_tokens(self) -> float:
+        return PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * NormalDist().inv_cdf(self.quantile))
 
     def _prior(self, generated: int) -> int:
         z = NormalDist().inv_cdf(self.quantile)

@@ -196,19 +196,26 @@ class Scoreboard:
         def floats(values: list[float]) -> npt.NDArray[np.float64]:
             return np.array(values, dtype=np.float64)
 
-        predict = self.predictor.predict
-        remaining = [
-            max(predict(r.prompt_tokens, r.max_tokens, r.generated, r.length_hint) - r.generated, 1)
-            for r in run
-        ]
+        many = self.predictor.predict_many
+
+        def predicted(reqs: list[TrackedRequest], generated: bool) -> npt.NDArray[np.int64]:
+            return many(
+                ints([r.prompt_tokens for r in reqs]),
+                ints([r.max_tokens for r in reqs]),
+                ints([r.generated for r in reqs]) if generated else np.zeros(len(reqs), np.int64),
+                ints([r.length_hint or 0 for r in reqs]),
+            )
+
+        generated_run = ints([r.generated for r in run])
+        reserved_run = ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in run])
         running = RunningRequests(
-            ints([r.prompt_tokens + r.generated for r in run]),
-            ints(remaining),
-            ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in run]),
+            ints([r.prompt_tokens for r in run]) + generated_run,
+            np.maximum(predicted(run, True) - generated_run, 1),
+            reserved_run,
         )
         queued = QueuedRequests(
             ints([r.prompt_tokens for r in wait]),
-            ints([predict(r.prompt_tokens, r.max_tokens, 0, r.length_hint) for r in wait]),
+            predicted(wait, False),
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
         )
         deadlines = RequestDeadlines(
@@ -216,7 +223,7 @@ class Scoreboard:
             running_e2e_deadline_s=floats([r.e2e_deadline_s for r in run]),
             running_tbt_target_s=floats([r.tbt_target_s for r in run]),
             running_first_token_s=floats([r.first_token_s or 0.0 for r in run]),
-            running_generated=ints([r.generated for r in run]),
+            running_generated=generated_run,
             queued_ids=tuple(r.key for r in wait),
             queued_ttft_deadline_s=floats([r.ttft_deadline_s for r in wait]),
             queued_e2e_deadline_s=floats([r.e2e_deadline_s for r in wait]),

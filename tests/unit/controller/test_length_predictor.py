@@ -81,3 +81,27 @@ def test_prior_quantile_matches_a_lognormal_sample() -> None:
 def test_bad_quantile_is_rejected() -> None:
     with pytest.raises(ValueError, match="quantile"):
         LengthPredictor(quantile=1.0)
+
+
+def test_predict_many_agrees_with_predict() -> None:
+    rng = np.random.default_rng(3)
+    p = LengthPredictor(quantile=0.8)
+    for _ in range(500):
+        p.observe(int(rng.integers(1, 5000)), int(rng.integers(1, 900)), 100)
+    n = 400
+    prompts = rng.integers(1, 9000, n)
+    maxes = rng.integers(1, 2048, n)
+    generated = np.minimum(rng.integers(0, 1200, n), maxes - 1)
+    hints = np.where(rng.random(n) < 0.3, rng.integers(1, 3000, n), 0)
+    many = p.predict_many(prompts, maxes, generated, hints)
+    one = [
+        p.predict(int(a), int(b), int(c), int(d) or None)
+        for a, b, c, d in zip(prompts, maxes, generated, hints, strict=True)
+    ]
+    assert many.tolist() == one
+    # Cold buckets (the prior) agree too.
+    cold = LengthPredictor(quantile=0.9)
+    assert cold.predict_many(prompts[:50], maxes[:50], generated[:50], hints[:50] * 0).tolist() == [
+        cold.predict(int(a), int(b), int(c))
+        for a, b, c in zip(prompts[:50], maxes[:50], generated[:50], strict=True)
+    ]
