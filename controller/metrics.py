@@ -60,6 +60,18 @@ class ControllerMetrics:
             lab,
             registry=r,
         )
+        self.length_error = Gauge(
+            "throttllem_length_prediction_mape",
+            "Mean absolute % error of output lengths predicted at arrival",
+            lab,
+            registry=r,
+        )
+        self.length_under = Gauge(
+            "throttllem_length_underpredicted_share",
+            "Share of requests that outlived their predicted length",
+            lab,
+            registry=r,
+        )
         self.clock_changes = Counter(
             "throttllem_clock_changes", "Clock changes sent to the GPU", lab, registry=r
         )

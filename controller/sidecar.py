@@ -210,6 +210,10 @@ class Sidecar:
         if decision is not None:
             self.metrics.record(name, decision, time.perf_counter() - started)
             self.metrics.attainment.labels(name).set(inst.controller.scoreboard.attainment())
+            error = inst.controller.scoreboard.predictor.error()
+            if error.count:
+                self.metrics.length_error.labels(name).set(error.mean_abs_pct_error)
+                self.metrics.length_under.labels(name).set(error.under_predicted_share)
             last = inst.controller.last_iteration
             if last is not None and last.latency_s > 0:
                 self.metrics.observed_ips.labels(name).set(1.0 / last.latency_s)
