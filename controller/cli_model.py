@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli_twin import UsageError, guarded
+from .cli_twin import UsageError, guarded, resolve_engine
 
 EXIT_USAGE = 2
 
@@ -64,18 +64,12 @@ def add_parsers(sub: Any) -> None:
 def _profile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from throttllem.backend.twin.hardware import default_catalog, valid_tp_sizes
+    from throttllem.backend.twin.hardware import default_catalog
 
     from .perf_model import write_dataset
     from .profiler import default_plan, profile_twin
 
-    catalog = default_catalog()
-    gpu, model = catalog.gpu(args.gpu), catalog.model(args.model)
-    if args.tp not in valid_tp_sizes(gpu, model):
-        raise UsageError(
-            f"--tp {args.tp}: {model.name} does not fit {args.tp} x {gpu.name}; "
-            f"valid: {', '.join(map(str, valid_tp_sizes(gpu, model)))}"
-        )
+    gpu, model = resolve_engine(default_catalog(), args.gpu, args.model, args.tp)
     if args.clock_stride <= 0:
         raise UsageError(f"--clock-stride must be positive, got {args.clock_stride}")
     if not args.out.parent.is_dir():

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .cli_twin import UsageError, guarded
+from .cli_twin import UsageError, guarded, resolve_engine
 from .events import Slo
 
 JSON_KEYS = (
@@ -89,7 +89,7 @@ def load_slo_file(path: Path) -> Slo:
 def _simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from throttllem.backend.twin.hardware import default_catalog, valid_tp_sizes
+    from throttllem.backend.twin.hardware import default_catalog
 
     from .evaluation.capacity import find_capacity, paper_slo, scale_to_load
     from .evaluation.experiment import PolicyError, compare, parse_policies, write_outputs
@@ -97,13 +97,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from .evaluation.simulator import EngineSetup
     from .evaluation.workload import TraceError, read_trace, synthetic
 
-    catalog = default_catalog()
-    gpu, model = catalog.gpu(args.gpu), catalog.model(args.model)
-    if args.tp not in valid_tp_sizes(gpu, model):
-        raise UsageError(
-            f"--tp {args.tp}: {model.name} does not fit {args.tp} x {gpu.name}; "
-            f"valid: {', '.join(map(str, valid_tp_sizes(gpu, model)))}"
-        )
+    gpu, model = resolve_engine(default_catalog(), args.gpu, args.model, args.tp)
     if not 0 < args.load <= 2:
         raise UsageError(f"--load must be in (0, 2], got {args.load}")
     if args.duration is not None and args.duration <= 0:

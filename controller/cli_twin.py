@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from throttllem.backend.twin.errors import TwinError
-from throttllem.backend.twin.hardware import Catalog, default_catalog, valid_tp_sizes
+from throttllem.backend.twin.hardware import (
+    Catalog,
+    GpuSpec,
+    ModelSpec,
+    default_catalog,
+    valid_tp_sizes,
+)
 
 EXIT_USAGE = 2
 
@@ -74,18 +80,27 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
-def validate_run_args(args: argparse.Namespace, catalog: Catalog) -> None:
-    """Check every value of `twin run` before building anything."""
-    gpu = catalog.gpu(args.gpu)
-    model = catalog.model(args.model)
-    for name in ("batch", "prompt_tokens", "output_tokens"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+def resolve_engine(
+    catalog: Catalog, gpu_name: str, model_name: str, tp: int
+) -> tuple[GpuSpec, ModelSpec]:
+    """The GPU and model of --gpu/--model, checked to fit at --tp (one line naming the valid
+    choices otherwise): shared by every command that builds an engine."""
+    gpu = catalog.gpu(gpu_name)
+    model = catalog.model(model_name)
     sizes = valid_tp_sizes(gpu, model)
-    if args.tp not in sizes:
+    if tp not in sizes:
         raise UsageError(
-            f"--tp {args.tp}: {model.name} does not fit {args.tp} x {gpu.name}; "
+            f"--tp {tp}: {model.name} does not fit {tp} x {gpu.name}; "
             f"valid: {', '.join(map(str, sizes)) or 'none'}"
         )
+    return gpu, model
+
+
+def validate_run_args(args: argparse.Namespace, catalog: Catalog) -> None:
+    """Check every value of `twin run` before building anything."""
+    gpu, model = resolve_engine(catalog, args.gpu, args.model, args.tp)
+    for name in ("batch", "prompt_tokens", "output_tokens"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
     clocks = gpu.supported_clocks_mhz()
     if args.clock_mhz not in clocks:
         raise UsageError(
