@@ -12,6 +12,7 @@ from . import (
     cli_controller,
     cli_demo,
     cli_model,
+    cli_replay,
     cli_serve,
     cli_simulate,
     cli_twin,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_simulate.add_parser(sub)
     cli_controller.add_parser(sub)
     cli_demo.add_parser(sub)
+    cli_replay.add_parser(sub)
     return parser
 
 
