@@ -146,6 +146,8 @@ def _check(
     return _Check(float(slack[worst]), cons.ids[worst], negative, float(tau[0]), hopeless)
 
 
+# More lost requests than this share of those in flight means overload: maximum clock.
+OVERLOAD_LOST_SHARE = 0.05
 # A request late even at max clock by more than this share of the time it still needs is given
 # up (left out of the choice); one late by less is still worth the maximum clock.
 HOPELESS_FRACTION = 0.1
@@ -213,7 +215,11 @@ def choose_clock(
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
     nearly = tuple(r for r in lost if r not in hopeless)
-    if (lost and lost_fallback == "max") or nearly:
+    # Triage is for the odd hopeless request. When many are lost the engine is overloaded: a
+    # slower clock would only lengthen the queue every later request waits in.
+    in_flight = len(deadlines.running_ids) + len(deadlines.queued_ids)
+    overloaded = len(lost) > max(1, OVERLOAD_LOST_SHARE * in_flight)
+    if (lost and lost_fallback == "max") or nearly or overloaded:
         return ClockChoice(
             int(clocks[top]),
             f"max: {len(lost)} request(s) miss an SLO even at max clock"

@@ -166,14 +166,17 @@ def _lognormal(
     return rng.lognormal(math.log(median), sigma, n)
 
 
-def synthetic(kind: str, rate_per_s: float, duration_s: float, seed: int = 0) -> Workload:
-    """`synthetic:conv` (Poisson) or `synthetic:code` (bursty gamma) arrivals and lengths."""
+def synthetic(
+    kind: str, rate_per_s: float, duration_s: float, seed: int = 0, *, steady: bool = False
+) -> Workload:
+    """`synthetic:conv` (Poisson) or `synthetic:code` (bursty gamma) arrivals and lengths;
+    `steady` makes the arrivals Poisson whatever the kind (lengths unchanged)."""
     if kind not in SYNTHETIC:
         raise ValueError(f"unknown synthetic workload '{kind}'; valid: {', '.join(SYNTHETIC)}")
     spec = SYNTHETIC[kind]
     rng = np.random.default_rng(seed)
     n = max(int(rate_per_s * duration_s * 1.2) + 16, 16)
-    if spec.bursty:
+    if spec.bursty and not steady:
         gaps = rng.gamma(CODE_GAMMA_SHAPE, 1.0 / (rate_per_s * CODE_GAMMA_SHAPE), n)
     else:
         gaps = rng.exponential(1.0 / rate_per_s, n)

@@ -186,3 +186,13 @@ def test_governor_skips_unchanged_and_rate_limits_lowering_but_not_raising() -> 
 def test_idle_or_busy_choices_are_reasoned(n: int) -> None:
     proj, dl = _scenario(e2e_s=1000.0, n=n)
     assert "SLO" in choose_clock(0.0, proj, dl, TABLE).reason
+
+
+def test_many_lost_requests_mean_overload_and_maximum_clock() -> None:
+    proj, dl = _scenario(e2e_s=1000.0)
+    late = np.array(dl.running_e2e_deadline_s)
+    late[:4] = 0.1  # 4 of 16 hopeless: far more than the odd one triage is for
+    dl = RequestDeadlines(**{**dl.__dict__, "running_e2e_deadline_s": late})
+    choice = choose_clock(0.0, proj, dl, TABLE)
+    assert choice.clock_mhz == 1410
+    assert len(choice.lost_requests) == 4
