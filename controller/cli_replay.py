@@ -10,8 +10,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .cli_simulate import JSON_KEYS, load_slo_file
 from .cli_twin import UsageError, guarded, resolve_engine
 
@@ -69,8 +67,8 @@ def _replay(args: argparse.Namespace) -> int:
 
     from .evaluation.capacity import find_capacity, paper_slo
     from .evaluation.replay import replay
-    from .evaluation.report import format_table, summarise
-    from .evaluation.simulator import CLIENT_MAX_TOKENS, EngineSetup, SimResult
+    from .evaluation.report import format_table, summarise, write_requests
+    from .evaluation.simulator import CLIENT_MAX_TOKENS, EngineSetup
     from .evaluation.workload import TraceError, read_trace, synthetic
     from .events import Slo
 
@@ -122,20 +120,7 @@ def _replay(args: argparse.Namespace) -> int:
         if energy_before is not None and energy_after is not None
         else float("nan")
     )
-    finished = result.finish_s[np.isfinite(result.finish_s)]
-    span = float(finished.max()) if finished.size else 0.0
-    live = SimResult(
-        "live",
-        result.arrival_s,
-        result.first_token_s,
-        result.finish_s,
-        result.output_tokens,
-        energy,
-        span,
-        0,
-        np.zeros(0),
-        np.zeros(0, dtype=np.int64),
-    )
+    live = result.as_sim_result("live", energy, 0)
     summary = summarise(live, slo, None)
     if result.late_sends:
         print(
@@ -145,16 +130,7 @@ def _replay(args: argparse.Namespace) -> int:
         )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        with (args.out / "requests_live.csv").open("w") as f:
-            f.write("arrival_s,first_token_s,finish_s,output_tokens\n")
-            for row in zip(
-                result.arrival_s,
-                result.first_token_s,
-                result.finish_s,
-                result.output_tokens,
-                strict=True,
-            ):
-                f.write(f"{row[0]:.6f},{row[1]:.6f},{row[2]:.6f},{row[3]}\n")
+        write_requests(args.out / "requests_live.csv", live)
     if args.json:
         print(json.dumps({"live": {k: getattr(summary, k) for k in JSON_KEYS}}, indent=2))
     else:

@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from throttllem.backend.twin.lengths import LognormalLengths
 
 from .cli_controller import DEFAULTS, build_sidecar
@@ -28,7 +26,7 @@ from .evaluation.capacity import find_capacity, paper_slo
 from .evaluation.experiment import compare, trained_model, write_outputs
 from .evaluation.replay import replay
 from .evaluation.report import PolicySummary, format_table, summarise
-from .evaluation.simulator import CLIENT_MAX_TOKENS, EngineSetup, SimResult
+from .evaluation.simulator import CLIENT_MAX_TOKENS, EngineSetup
 from .evaluation.workload import TraceRequest, Workload, read_trace, synthetic
 from .sidecar import Sidecar
 from .triton_launcher import RepositorySpec, running_triton
@@ -155,24 +153,12 @@ def run_demo(cfg: DemoConfig) -> int:
 
         result = replay(server.grpc_url, workload, speedup=cfg.speedup, progress=progress)
         energy_j = (sum(inst.driver.total_energy_mj(g) for g in gpus) - energy0) / 1000.0
-        span = float(np.nanmax(result.finish_s)) if len(result.finish_s) else 0.0
         decisions = list(inst.controller.decisions) if inst.controller else []
         changes = inst.controller.governor.changes if inst.controller else 0
         stop.set()
         thread.join(timeout=30)
     shutil.rmtree(registry, ignore_errors=True)
-    live = SimResult(
-        "live throttllem",
-        result.arrival_s,
-        result.first_token_s,
-        result.finish_s,
-        result.output_tokens,
-        energy_j,
-        span,
-        changes,
-        np.zeros(0),
-        np.zeros(0, dtype=np.int64),
-    )
+    live = result.as_sim_result("live throttllem", energy_j, changes)
     say("[4/4] the same arrivals in virtual time: maximum clock vs throttllem")
     comparison = compare(workload, setup, ["max", "throttllem"], slo)
     base = comparison.results["max"].energy_j

@@ -29,7 +29,7 @@ from .metrics import ControllerMetrics
 from .perf_model import PerformanceModel
 from .projection import Admission, EngineLimits
 from .scoreboard import Scoreboard
-from .telemetry_client import Delivery, InstanceLink
+from .telemetry_client import Delivery, InstanceLink, slo_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,7 @@ class Sidecar:
             )
             slo = self.config.default_slo
             if info.HasField("default_slo"):
-                from .telemetry_client import _slo
-
-                slo = slo.overridden_by(_slo(info.default_slo))
+                slo = slo.overridden_by(slo_from_pb(info.default_slo))
             board = Scoreboard(LengthPredictor(), slo, info.kv_tokens_per_block)
             controller = InstanceController(
                 board, table, limits, _DriverActuator(driver), self.config.controller

@@ -48,7 +48,7 @@ class EngineClock:
         return self.engine_s(time.time_ns())
 
 
-def _slo(msg: pb.Slo) -> Slo:
+def slo_from_pb(msg: pb.Slo) -> Slo:
     def get(name: str) -> float | None:
         return getattr(msg, name) / 1000.0 if msg.HasField(name) else None
 
@@ -81,7 +81,7 @@ def convert(ev: pb.Event, clock: EngineClock) -> Event | None:
             clock.engine_s(a.arrival_unix_ns or ev.time_unix_ns),
             a.prompt_tokens,
             a.max_tokens,
-            _slo(a.slo),
+            slo_from_pb(a.slo),
             hint,
         )
     if kind == "first_token":
@@ -113,7 +113,7 @@ def snapshot_requests(snap: pb.Snapshot, clock: EngineClock) -> list[InFlight]:
                 r.max_tokens,
                 r.output_tokens,
                 first,
-                _slo(r.slo),
+                slo_from_pb(r.slo),
                 hint,
             )
         )

@@ -12,7 +12,7 @@ from ..perf_model import CatBoostPerformanceModel, split_indices
 from ..profiler import default_plan, profile_twin
 from .capacity import cache_dir
 from .policies import MaxClock, PidClock, StaticClock, ThrottllemPolicy
-from .report import PolicySummary, summarise
+from .report import PolicySummary, summarise, write_requests
 from .simulator import EngineSetup, Policy, SimResult, simulate
 from .workload import Workload
 
@@ -133,11 +133,7 @@ def write_outputs(comparison: Comparison, out: Path, slo: Slo) -> list[Path]:
     for name, r in comparison.results.items():
         safe = name.replace(":", "_")
         path = out / f"requests_{safe}.csv"
-        with path.open("w") as f:
-            f.write("arrival_s,first_token_s,finish_s,output_tokens\n")
-            for row in zip(r.arrival_s, r.first_token_s, r.finish_s, r.output_tokens, strict=True):
-                f.write(",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in row))
-                f.write("\n")
+        write_requests(path, r)
         written.append(path)
         path = out / f"timeline_{safe}.csv"
         with path.open("w") as f:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from .simulator import SimResult
 from .workload import Workload
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,23 @@ class ReplayResult:
     errors: int
     late_sends: int  # sends more than LATE_S behind their schedule
     max_lag_s: float
+
+    def as_sim_result(self, policy: str, energy_j: float, clock_changes: int) -> SimResult:
+        """The live run in the simulator's record, for the same summaries and reports (no
+        per-iteration data: the client sees tokens, not iterations)."""
+        finished = self.finish_s[np.isfinite(self.finish_s)]
+        return SimResult(
+            policy,
+            self.arrival_s,
+            self.first_token_s,
+            self.finish_s,
+            self.output_tokens,
+            energy_j,
+            float(finished.max()) if finished.size else 0.0,
+            clock_changes,
+            np.zeros(0),
+            np.zeros(0, dtype=np.int64),
+        )
 
 
 def replay(

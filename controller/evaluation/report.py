@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -103,3 +104,11 @@ def format_table(summaries: dict[str, PolicySummary]) -> str:
         "meeting all their SLOs"
     )
     return "\n".join(lines)
+
+
+def write_requests(path: Path, r: SimResult) -> None:
+    """One CSV row per request, times in engine seconds from the start (nan: never)."""
+    with path.open("w") as f:
+        f.write("arrival_s,first_token_s,finish_s,output_tokens\n")
+        for row in zip(r.arrival_s, r.first_token_s, r.finish_s, r.output_tokens, strict=True):
+            f.write(f"{row[0]:.6f},{row[1]:.6f},{row[2]:.6f},{row[3]}\n")
