@@ -14,6 +14,7 @@ from typing import Protocol
 
 from .clock_policy import ClockGovernor, GovernorConfig, Margin, choose_clock
 from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
+from .gpu.driver import ClockDriver, WriteOutcome
 from .ips_table import IpsTable
 from .projection import EngineLimits, project
 from .scoreboard import Scoreboard, SloOutcome
@@ -25,6 +26,24 @@ class ClockActuator(Protocol):
     def set_clock_mhz(self, mhz: int) -> None:
         """Lock every GPU of the instance at this SM clock."""
         ...
+
+
+class DriverActuator:
+    """A ClockActuator over any ClockDriver: every GPU of the instance at one clock. Counts the
+    changes that reached the GPUs (unchanged values are skipped by the driver)."""
+
+    def __init__(self, driver: ClockDriver) -> None:
+        self.driver = driver
+        self.changes = 0
+
+    def set_clock_mhz(self, mhz: int) -> None:
+        outcome = self.driver.set_locked_clocks(self.driver.gpu_indices(), mhz, mhz)
+        if outcome is WriteOutcome.APPLIED:
+            self.changes += 1
+
+    def reset(self) -> None:
+        """Back to default clocks (not counted as a change)."""
+        self.driver.reset_locked_clocks(self.driver.gpu_indices())
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from throttllem.backend.telemetry.discovery import discover
 
-from .control_loop import ControllerConfig, InstanceController
+from .control_loop import ControllerConfig, DriverActuator, InstanceController
 from .events import Finished, Slo
 from .gpu.driver import ClockDriver
 from .ips_table import IpsTable
@@ -46,14 +46,6 @@ class SidecarConfig:
     telemetry_timeout_s: float = 3.0
     tick_s: float = 0.01
     discover_every_s: float = 1.0
-
-
-class _DriverActuator:
-    def __init__(self, driver: ClockDriver) -> None:
-        self.driver = driver
-
-    def set_clock_mhz(self, mhz: int) -> None:
-        self.driver.set_locked_clocks(self.driver.gpu_indices(), mhz, mhz)
 
 
 @dataclass
@@ -117,7 +109,7 @@ class Sidecar:
                 slo = slo.overridden_by(slo_from_pb(info.default_slo))
             board = Scoreboard(LengthPredictor(), slo, info.kv_tokens_per_block)
             controller = InstanceController(
-                board, table, limits, _DriverActuator(driver), self.config.controller
+                board, table, limits, DriverActuator(driver), self.config.controller
             )
         else:
             log.warning("%s: no performance model: observing only", info.instance_name)

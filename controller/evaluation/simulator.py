@@ -19,10 +19,11 @@ import numpy.typing as npt
 from throttllem.backend.twin.executor import TwinExecutor
 from throttllem.backend.twin.executor_api import FinishReason, Request
 from throttllem.backend.twin.factory import build_twin_engine
-from throttllem.backend.twin.gpu import TwinGpuGroup
 from throttllem.backend.twin.hardware import GpuSpec, ModelSpec, default_catalog
 
+from ..control_loop import DriverActuator
 from ..events import Arrived, Event, Finish, Finished, FirstToken, Iteration, Slo
+from ..gpu.twin_driver import TwinDriver
 from .workload import Workload
 
 FloatArray = npt.NDArray[np.float64]
@@ -52,28 +53,6 @@ class EngineSetup:
         return catalog.gpu(self.gpu), catalog.model(self.model)
 
 
-class TwinClocks:
-    """The twin GPUs' clock surface, as a clock driver sees it; counts what it changes."""
-
-    def __init__(self, gpus: TwinGpuGroup) -> None:
-        self.gpus = gpus
-        self.changes = 0
-        self.current_mhz: int | None = None
-
-    def set_clock_mhz(self, mhz: int) -> None:
-        if mhz == self.current_mhz:
-            return
-        for gpu in self.gpus.gpus:
-            gpu.set_locked_clocks(mhz, mhz)
-        self.current_mhz = mhz
-        self.changes += 1
-
-    def reset(self) -> None:
-        for gpu in self.gpus.gpus:
-            gpu.reset_locked_clocks()
-        self.current_mhz = None
-
-
 @dataclass
 class SimContext:
     """What a policy may use: the engine's facts and its GPUs' clocks (not its internals)."""
@@ -82,7 +61,7 @@ class SimContext:
     gpu: GpuSpec
     model: ModelSpec
     slo: Slo
-    clocks: TwinClocks
+    clocks: DriverActuator
     max_batch_size: int
     kv_capacity_blocks: int
     tokens_per_block: int
@@ -171,7 +150,8 @@ def simulate(
         iter_stats_max_iterations=16,
     )
     ex, gpus = engine.executor, engine.gpus
-    clocks = TwinClocks(gpus)
+    # The same driver and actuator the sidecar uses on a served twin, over in-process GPUs.
+    clocks = DriverActuator(TwinDriver(gpus.gpus))
     ctx = SimContext(
         setup,
         gpu,
