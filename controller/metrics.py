@@ -5,11 +5,18 @@ Names are the contract with dashboards (docker/) and tests; labels carry the eng
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .control_loop import Decision
+
+# Latency buckets, seconds: TTFT from a prefill to a long queue; mean TBT around the paper's
+# 200 ms target; E2E up to long generations.
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TBT_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+E2E_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0)
 
 
 @dataclass
@@ -91,6 +98,36 @@ class ControllerMetrics:
             registry=r,
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
         )
+        # Per-request latency (controller time base: engine seconds, i.e. wall seconds times
+        # the twin's speed-up), observed when a request finishes; the dashboard draws their
+        # percentiles against the targets.
+        self.ttft = Histogram(
+            "throttllem_ttft_seconds",
+            "Time to first token of finished requests (engine time)",
+            lab,
+            registry=r,
+            buckets=TTFT_BUCKETS_S,
+        )
+        self.tbt = Histogram(
+            "throttllem_tbt_seconds",
+            "Mean time between tokens of finished requests (engine time)",
+            lab,
+            registry=r,
+            buckets=TBT_BUCKETS_S,
+        )
+        self.e2e = Histogram(
+            "throttllem_e2e_seconds",
+            "End-to-end latency of finished requests (engine time)",
+            lab,
+            registry=r,
+            buckets=E2E_BUCKETS_S,
+        )
+        self.slo_target = Gauge(
+            "throttllem_slo_target_seconds",
+            "Deployment SLO target by kind (ttft, tbt = mean TBT, e2e); absent: no target",
+            [*lab, "kind"],
+            registry=r,
+        )
 
     def record(self, instance: str, decision: Decision, wall_s: float) -> None:
         self.clock_mhz.labels(instance).set(decision.chosen_mhz)
@@ -110,6 +147,25 @@ class ControllerMetrics:
         self.energy.labels(instance).set(energy_j)
         if energy_j > 0:
             self.tokens_per_joule.labels(instance).set(tokens / energy_j)
+
+    def record_request(
+        self, instance: str, ttft_s: float | None, tbt_s: float | None, e2e_s: float | None
+    ) -> None:
+        """One finished request's latencies; None (no first token, a single token) is skipped."""
+        for histogram, value in ((self.ttft, ttft_s), (self.tbt, tbt_s), (self.e2e, e2e_s)):
+            if value is not None and value >= 0:
+                histogram.labels(instance).observe(value)
+
+    def set_slo_targets(
+        self, instance: str, ttft_s: float | None, tbt_s: float | None, e2e_s: float | None
+    ) -> None:
+        """The instance's default targets; a None target removes its series."""
+        for kind, value in (("ttft", ttft_s), ("tbt", tbt_s), ("e2e", e2e_s)):
+            if value is not None:
+                self.slo_target.labels(instance, kind).set(value)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.slo_target.remove(instance, kind)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
