@@ -1,4 +1,4 @@
-"""Regenerate the committed Python code of the gRPC contract (proto/throttllem/v1/*.proto).
+"""Regenerate the committed Python code of the gRPC contracts (proto/: throttllem.v1 and KEDA's).
 
     python -m throttllem.backend.telemetry.codegen          # rewrite the committed files
     python -m throttllem.backend.telemetry.codegen --check  # exit 1 when they are stale
@@ -18,7 +18,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-PROTO_FILES = ("throttllem/v1/telemetry.proto",)
+PROTO_FILES = ("throttllem/v1/telemetry.proto", "externalscaler/externalscaler.proto")
+"""The contracts, as paths under proto/ (where the .proto and its generated code are committed)."""
+# Folders under proto/ installed under another import name (pyproject's package-dir): protoc is
+# shown them at the import path, so that the generated code's imports resolve once installed.
+IMPORT_PATHS = {"externalscaler": "throttllem/externalscaler"}
 MODULE = "throttllem.backend.telemetry.codegen"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py")
 
@@ -46,25 +50,42 @@ def generated_names(proto: str) -> list[str]:
     return [stem + suffix for suffix in GENERATED_SUFFIXES]
 
 
+def import_path(proto: str) -> str:
+    """The path protoc is shown for `proto` (a path under proto/)."""
+    folder, _, name = proto.rpartition("/")
+    return f"{IMPORT_PATHS.get(folder, folder)}/{name}"
+
+
 def generate(out_dir: Path, root: Path | None = None) -> list[Path]:
-    """Run protoc (from grpc_tools) on the contract into `out_dir`; returns the files written."""
+    """Run protoc (from grpc_tools) on the contracts; the generated files land in `out_dir`
+    laid out as under proto/. Returns the files written."""
     try:
         from grpc_tools import protoc  # type: ignore[import-untyped]
     except ImportError as e:  # pragma: no cover - grpcio-tools is a test dependency
         raise CodegenError("grpcio-tools is not installed: pip install grpcio-tools") from e
     root = root or proto_root()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        "grpc_tools.protoc",
-        f"-I{root}",
-        f"--python_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *PROTO_FILES,
-    ]
-    code = protoc.main(args)
-    if code != 0:
-        raise CodegenError(f"protoc failed with status {code} on {', '.join(PROTO_FILES)}")
-    return [out_dir / name for proto in PROTO_FILES for name in generated_names(proto)]
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "grpc_tools.protoc",
+            *(f"-I{virtual}={root / folder}" for folder, virtual in IMPORT_PATHS.items()),
+            f"-I{root}",
+            f"--python_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *(import_path(proto) for proto in PROTO_FILES),
+        ]
+        code = protoc.main(args)
+        if code != 0:
+            raise CodegenError(f"protoc failed with status {code} on {', '.join(PROTO_FILES)}")
+        for proto in PROTO_FILES:
+            for name, made in zip(
+                generated_names(proto), generated_names(import_path(proto)), strict=True
+            ):
+                target = out_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text((Path(tmp) / made).read_text())
+                written.append(target)
+    return written
 
 
 def normalise(text: str) -> str:
