@@ -1,4 +1,4 @@
-"""ArrivalRateMeter: sliding-window arrival rate and queue length per model, on an injected clock."""
+"""ArrivalRateMeter: sliding-window arrival rate and queue length per model, injected clock."""
 
 from __future__ import annotations
 
