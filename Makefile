@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TYPING := .build/typing/throttllem
 
-.PHONY: install test test-fast demo bench lint soak clean typing-tree
+.PHONY: install test test-fast demo bench lint soak clean typing-tree ops-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,triton-cpu]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) ops-tools
+
+# promtool and prometheus, from Debian's `prometheus` package, for the ops tests (docker/
+# configuration checks and a live Prometheus in tests/integration/test_prometheus_scrape.py).
+# Installed only when missing; without apt-get or root it says so and the tests skip, naming why.
+ops-tools:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "make ops-tools: installing Debian's prometheus package (promtool, prometheus)"; \
+	  mkdir -p .build; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends prometheus; } >.build/ops-tools.log 2>&1 \
+	    || echo "make ops-tools: WARNING: apt-get failed (see .build/ops-tools.log): the Prometheus tests will skip"; \
+	else \
+	  echo "make ops-tools: WARNING: promtool missing and apt-get unavailable (needs root): the Prometheus tests will skip"; \
+	fi
 
 # mypy cannot follow setuptools' package-dir mapping, so it reads the sources through a tree of
 # links that mirrors the installed import names.
@@ -22,10 +37,10 @@ typing-tree:
 	ln -sfn ../../../controller $(TYPING)/controller
 	ln -sfn ../../../python_backend $(TYPING)/backend
 
-test: $(STAMP)
+test: $(STAMP) ops-tools
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) ops-tools
 	$(PY) -m pytest -q -m "not integration and not soak"
 
 demo: $(STAMP)
@@ -34,7 +49,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-soak: $(STAMP)
+soak: $(STAMP) ops-tools
 	$(PY) -m pytest -q -m soak
 
 lint: $(STAMP) typing-tree
