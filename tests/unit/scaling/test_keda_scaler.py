@@ -306,3 +306,50 @@ def _wait_for(condition: Any, timeout_s: float = TIMEOUT_S) -> None:
             return
         done.wait(0.01)
     raise AssertionError("condition not met in time")
+
+
+KEDA_FIELDS = {  # KEDA's externalscaler.proto: message -> field -> number (the wire format)
+    "ScaledObjectRef": {"name": 1, "namespace": 2, "scalerMetadata": 3},
+    "IsActiveResponse": {"result": 1},
+    "GetMetricSpecResponse": {"metricSpecs": 1},
+    "MetricSpec": {"metricName": 1, "targetSize": 2, "targetSizeFloat": 3},
+    "GetMetricsRequest": {"scaledObjectRef": 1, "metricName": 2},
+    "GetMetricsResponse": {"metricValues": 1},
+    "MetricValue": {"metricName": 1, "metricValue": 2, "metricValueFloat": 3},
+}
+
+
+def test_the_contract_is_kedas_on_the_wire() -> None:
+    file = pb.DESCRIPTOR
+    assert file.package == "externalscaler"
+    for message, fields in KEDA_FIELDS.items():
+        descriptor = file.message_types_by_name[message]
+        assert {f.name: f.number for f in descriptor.fields} == fields, message
+    assert file.message_types_by_name["MetricSpec"].fields_by_name["targetSize"].type == (
+        file.message_types_by_name["MetricSpec"].fields_by_name["targetSize"].TYPE_INT64
+    )
+    service = file.services_by_name["ExternalScaler"]
+    streams = {m.name: m.server_streaming for m in service.methods}
+    assert streams == {
+        "IsActive": False,
+        "StreamIsActive": True,
+        "GetMetricSpec": False,
+        "GetMetrics": False,
+        "StreamMetricSpec": True,
+    }
+
+
+def test_the_method_paths_a_go_client_calls(load: Load) -> None:
+    server, port = serve_keda(load.meter)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = channel.unary_unary(
+            "/externalscaler.ExternalScaler/GetMetricSpec",
+            request_serializer=pb.ScaledObjectRef.SerializeToString,
+            response_deserializer=pb.GetMetricSpecResponse.FromString,
+        )
+        (spec,) = call(ref(), timeout=TIMEOUT_S).metricSpecs
+        assert (spec.metricName, spec.targetSize) == (metric_name(MODEL), 1)
+    finally:
+        channel.close()
+        server.stop(0.5).wait(2.0)
