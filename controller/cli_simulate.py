@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .cli_simulate_scaling import add_scaling_arguments, simulate_scaling
 from .cli_twin import UsageError, guarded, resolve_engine
 from .events import Slo
 
@@ -36,7 +37,9 @@ def add_parser(sub: Any) -> None:
     )
     sim.add_argument("--gpu", default="A100-SXM4-40GB")
     sim.add_argument("--model", default="llama-3-8b")
-    sim.add_argument("--tp", type=int, default=1)
+    sim.add_argument(
+        "--tp", default="1", help="tensor-parallel size; with --scaling, the sizes: e.g. 1,2,4"
+    )
     sim.add_argument(
         "--load",
         type=float,
@@ -62,6 +65,7 @@ def add_parser(sub: Any) -> None:
     sim.add_argument(
         "--out", type=Path, default=None, help="folder for per-request records, timelines and plots"
     )
+    add_scaling_arguments(sim)
     sim.set_defaults(handler=guarded("simulate", _simulate))
 
 
@@ -97,6 +101,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from .evaluation.simulator import EngineSetup
     from .evaluation.workload import TraceError, read_trace, synthetic
 
+    if args.scaling:
+        return simulate_scaling(args)
+    if not args.tp.isdigit():
+        raise UsageError(f"--tp must be one integer without --scaling, got {args.tp!r}")
+    args.tp = int(args.tp)
     gpu, model = resolve_engine(default_catalog(), args.gpu, args.model, args.tp)
     if not 0 < args.load <= 2:
         raise UsageError(f"--load must be in (0, 2], got {args.load}")

@@ -171,6 +171,11 @@ class RepositorySpec:
     # Their telemetry always takes free ports (a fixed base port belongs to tensorrt_llm).
     variants: dict[str, bool] = field(default_factory=dict)
     models: tuple[str, ...] = ("tensorrt_llm", "preprocessing", "postprocessing", "ensemble")
+    # Instance scaling: sized copies of the tensorrt_llm model (name -> parameter overrides,
+    # e.g. {"tensorrt_llm_tp2": {"twin_tp": "2"}}), and, with `routing_file`, the router in
+    # place of tensorrt_llm (router.py) forwarding to the variant that file names.
+    sized: dict[str, dict[str, str]] = field(default_factory=dict)
+    routing_file: str | None = None
 
 
 def build_repository(source: Path, dest: Path, spec: RepositorySpec) -> Path:
@@ -195,7 +200,41 @@ def build_repository(source: Path, dest: Path, spec: RepositorySpec) -> Path:
                 text = re.sub(r'(key: "telemetry_port" value: \{ string_value: )"[^"]*"',
                               r'\g<1>"0"', text)  # fmt: skip
         config.write_text(text)
+    for name, overrides in spec.sized.items():
+        target = dest / name
+        shutil.copytree(source / LLM_MODEL, target, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        text = fill_placeholders((source / LLM_MODEL / "config.pbtxt").read_text(),
+                                 {**values, **overrides})  # fmt: skip
+        text = _set_instance_count(text, spec.instances)
+        text = re.sub(r'name:\s*"tensorrt_llm"', f'name: "{name}"', text, count=1)
+        text = re.sub(r'(key: "telemetry_port" value: \{ string_value: )"[^"]*"', r'\g<1>"0"', text)
+        (target / "config.pbtxt").write_text(text)
+    if spec.routing_file is not None:
+        _write_router(source, dest, values, spec.routing_file)
     return dest
+
+
+def router_config(llm_config: str, site_packages: str, routing_file: str) -> str:
+    """The router's config.pbtxt: the tensorrt_llm model's interface (inputs, outputs,
+    decoupled), its engine parameters replaced by the routing file."""
+    text = re.sub(r"^parameters: .*$\n?", "", llm_config, flags=re.M)
+    text = _set_instance_count(text, 1)
+    lines = [
+        f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+        for key, value in (("routing_file", routing_file), ("python_site_packages", site_packages))
+    ]
+    return text + "".join(lines)
+
+
+def _write_router(source: Path, dest: Path, values: dict[str, str], routing_file: str) -> None:
+    target = dest / LLM_MODEL
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source / "router", target, ignore=shutil.ignore_patterns("__pycache__"))
+    llm = (source / LLM_MODEL / "config.pbtxt").read_text()
+    text = router_config(llm, values["python_site_packages"], routing_file)
+    (target / "config.pbtxt").write_text(text)
 
 
 @dataclass
@@ -364,6 +403,7 @@ def running_triton(
     host: str = "127.0.0.1",
     ready_timeout_s: float = 120.0,
     ready_models: tuple[str, ...] = (LLM_MODEL,),
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[TritonServer]:
     """A started, ready TritonServer, always stopped on exit (tests, benchmarks)."""
     owned = work_dir is None
@@ -371,7 +411,8 @@ def running_triton(
     server: TritonServer | None = None
     try:
         repo = build_repository(source or source_model_repository(), folder / "models", spec)
-        server = TritonServer(repo, work_dir=folder, ports=ports or Ports.free(host), host=host)
+        server = TritonServer(repo, work_dir=folder, ports=ports or Ports.free(host), host=host,
+                              extra_args=extra_args)  # fmt: skip
         server.start()
         server.wait_ready(ready_timeout_s, ready_models)
         yield server

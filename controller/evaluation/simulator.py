@@ -101,7 +101,7 @@ class SimResult:
     timeline_power: FloatArray = field(default_factory=lambda: np.zeros(0))
 
 
-def _events_from_responses(
+def events_from_responses(
     ex: TwinExecutor,
     now_s: float,
     started: set[int],
@@ -216,7 +216,7 @@ def simulate(
         kv = stats.kv_cache_stats
         lat.append(stats.iter_latency_ms / 1000.0)
         gen.append(ib.num_gen_requests)
-        for ev in _events_from_responses(ex, now, started, tokens, first, done):
+        for ev in events_from_responses(ex, now, started, tokens, first, done):
             policy.observe(ev)
         policy.observe(
             Iteration(

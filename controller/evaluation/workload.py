@@ -190,3 +190,32 @@ def synthetic(
         for t, p, o in zip(times, prompts, outputs, strict=True)
     )
     return Workload(f"synthetic:{kind}", requests)
+
+
+def daily_swing(workload: Workload, low_rps: float, high_rps: float, duration_s: float) -> Workload:
+    """The workload's requests, in order, re-timed so that the arrival rate follows one compressed
+    day: `low_rps` at the start and end, `high_rps` at the middle (a raised cosine). Each request
+    keeps its place in the trace's own arrival process (its cumulative count), so the trace's
+    burstiness survives the warp. Errors when the trace has too few requests for the swing."""
+    if not (0 < low_rps <= high_rps):
+        raise ValueError(f"swing rates must satisfy 0 < low <= high, got {low_rps}, {high_rps}")
+    if not duration_s > 0:
+        raise ValueError(f"duration must be positive, got {duration_s}")
+    grid = np.linspace(0.0, duration_s, 4097)
+    amp = (high_rps - low_rps) / 2.0
+    # Expected arrivals by time t under the target rate.
+    expected = low_rps * grid + amp * (
+        grid - duration_s / (2 * math.pi) * np.sin(2 * math.pi * grid / duration_s)
+    )
+    needed = int(expected[-1])
+    reqs = workload.requests
+    if len(reqs) < needed or workload.rate_per_s <= 0:
+        raise ValueError(
+            f"{workload.name}: {len(reqs)} requests, the swing needs {needed} "
+            f"({low_rps:.2f}..{high_rps:.2f}/s over {duration_s:.0f} s)"
+        )
+    t0 = reqs[0].arrival_s
+    counts = np.array([(r.arrival_s - t0) * workload.rate_per_s for r in reqs[:needed]])
+    times = np.interp(counts, expected, grid)
+    timed = tuple(replace(r, arrival_s=float(t)) for r, t in zip(reqs[:needed], times, strict=True))
+    return Workload(f"{workload.name} (daily swing)", timed, workload.clipped_prompts)

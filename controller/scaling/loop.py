@@ -1,0 +1,65 @@
+"""The scaler in real time: every period, measured demand -> scaler -> switcher.
+
+Runs on its own thread beside the clock controller; the sidecar (or a test) feeds the
+ArrivalRateMeter. A failed switch is logged and retried at the next look; the router keeps
+traffic on the size that serves it, so nothing is lost while a load fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .rate_meter import ArrivalRateMeter
+from .scaler import InstanceScaler, ScaleDecision
+from .switcher import SwitchError, SwitchReport, TritonSwitcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScalingLoop:
+    scaler: InstanceScaler
+    switcher: TritonSwitcher
+    meter: ArrivalRateMeter
+    demand_model: str  # the name the meter counts arrivals under (the router's)
+    variant_of: Callable[[str], str]  # size name -> Triton model name
+    clock: Callable[[], float] = time.monotonic
+    on_decision: Callable[[ScaleDecision], None] | None = None
+    decisions: list[ScaleDecision] = field(default_factory=list)
+    switches: list[SwitchReport] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def look(self) -> ScaleDecision | None:
+        """One periodic look; switches when the scaler says so."""
+        rate = self.meter.request_rate_rps(self.demand_model) or 0.0
+        decision = self.scaler.update(self.clock(), rate, self.meter.queued(self.demand_model))
+        if decision is None:
+            return None
+        self.decisions.append(decision)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        try:
+            self.switches.append(self.switcher.switch(self.variant_of(decision.to_size)))
+        except (SwitchError, Exception) as e:  # the old size keeps serving
+            log.error("switch %s -> %s failed: %s", decision.from_size, decision.to_size, e)
+            self.scaler.current = [s.name for s in self.scaler.sizes].index(decision.from_size)
+        return decision
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="throttllem-scaler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.scaler.config.period_s / 4):
+            if self.scaler.due(self.clock()):
+                self.look()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)
