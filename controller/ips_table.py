@@ -44,8 +44,12 @@ class IpsTable:
         kv_capacity_blocks: int,
         kv_points: int = 64,
         tokens_per_block: int = 64,
+        idle_power_w: float = 0.0,
     ) -> None:
         self.tokens_per_block = tokens_per_block
+        # A GPU draws this much anyway while the engine waits for work: only power above it
+        # is the cost of running an iteration (per GPU, as the power model predicts).
+        self.idle_power_w = idle_power_w
         self.clocks_mhz = np.array(sorted(clocks_mhz), dtype=np.int64)
         self.max_batch = max_batch
         self.kv_capacity = max(kv_capacity_blocks, 1)
@@ -110,12 +114,13 @@ class IpsTable:
         return self._power is not None
 
     def energy_per_iteration_j(self, batch: int, kv: int) -> FloatArray:
-        """Energy of one decoding iteration at every clock (clocks ascending); needs power."""
+        """Energy one decoding iteration costs at every clock (clocks ascending), per GPU,
+        above what the GPU would draw idle over the same time; needs power."""
         if self._power is None:
             raise ValueError("this performance model does not predict power")
         b = int(np.searchsorted(self.batch_grid, min(batch, self.max_batch)))
         k = int(self._kv_index(self.kv_grid, np.array([kv]))[0])
-        return self._power[:, b, k] * self._gen[:, b, k]
+        return (self._power[:, b, k] - self.idle_power_w) * self._gen[:, b, k]
 
     def _kv_index(self, grid: IntArray, kv: IntArray) -> IntArray:
         return np.minimum(np.searchsorted(grid, kv, side="left"), len(grid) - 1)

@@ -110,8 +110,10 @@ class ThrottllemPolicy(Policy):
         oracle: bool = False,
         quantile: float = 0.9,
         config: ControllerConfig | None = None,
+        marginal_energy: bool = True,
     ) -> None:
         self.name = name
+        self.marginal_energy = marginal_energy
         self.model = model
         self.oracle = oracle
         self.quantile = quantile
@@ -134,6 +136,7 @@ class ThrottllemPolicy(Policy):
             max_batch=ctx.max_batch_size,
             kv_capacity_blocks=ctx.kv_capacity_blocks,
             tokens_per_block=ctx.tokens_per_block,
+            idle_power_w=ctx.gpu.idle_power_w if self.marginal_energy else 0.0,
         )
         board = Scoreboard(LengthPredictor(quantile=self.quantile), ctx.slo, ctx.tokens_per_block)
         self.controller = InstanceController(board, table, limits, ctx.clocks, self.config)

@@ -196,3 +196,32 @@ def test_many_lost_requests_mean_overload_and_maximum_clock() -> None:
     choice = choose_clock(0.0, proj, dl, TABLE)
     assert choice.clock_mhz == 1410
     assert len(choice.lost_requests) == 4
+
+
+class PoweredModel(AnalyticModel):
+    """Per-GPU power: 60 W idle floor + static 40 W + dynamic rising with f^2.5 (voltage)."""
+
+    def has_power(self) -> bool:
+        return True
+
+    def predict_power_w(self, x: np.ndarray) -> np.ndarray:
+        f = x[:, COL["sm_clock_mhz"]] / 1410.0
+        return 100.0 + 300.0 * f**2.5
+
+
+def test_the_energy_floor_weighs_only_power_above_idle() -> None:
+    """With loose deadlines the SLOs allow the lowest clock; the floor stops where running
+    slower costs more than it saves. Counting the idle power a GPU draws anyway (marginal
+    energy) puts that floor lower than counting whole iteration energy."""
+    proj, dl = _scenario(e2e_s=1e6)
+    whole = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000)
+    marginal = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000,
+                        idle_power_w=60.0)  # fmt: skip
+    by_whole = choose_clock(0.0, proj, dl, whole, margin=EXACT)
+    by_marginal = choose_clock(0.0, proj, dl, marginal, margin=EXACT)
+    no_floor = choose_clock(0.0, proj, dl, whole, margin=EXACT, energy_floor=False)
+    assert no_floor.clock_mhz == min(CLOCKS)
+    assert min(CLOCKS) < by_marginal.clock_mhz < by_whole.clock_mhz
+    for table, choice in ((whole, by_whole), (marginal, by_marginal)):
+        energy = table.energy_per_iteration_j(16, 16 * 11)
+        assert table.clocks_mhz[int(np.argmin(energy))] == choice.clock_mhz
