@@ -214,8 +214,13 @@ def daily_swing(workload: Workload, low_rps: float, high_rps: float, duration_s:
             f"{workload.name}: {len(reqs)} requests, the swing needs {needed} "
             f"({low_rps:.2f}..{high_rps:.2f}/s over {duration_s:.0f} s)"
         )
-    t0 = reqs[0].arrival_s
-    counts = np.array([(r.arrival_s - t0) * workload.rate_per_s for r in reqs[:needed]])
+    # Positions in the trace's own arrival process, scaled so the last one taken lands at the
+    # end of the day (the trace's rate varies: its overall mean would misplace them).
+    chosen = np.array([r.arrival_s for r in reqs[:needed]])
+    span = chosen[-1] - chosen[0]
+    if span <= 0:
+        raise ValueError(f"{workload.name}: the first {needed} requests all arrive at once")
+    counts = (chosen - chosen[0]) * (expected[-1] / span)
     times = np.interp(counts, expected, grid)
     timed = tuple(replace(r, arrival_s=float(t)) for r, t in zip(reqs[:needed], times, strict=True))
     return Workload(f"{workload.name} (daily swing)", timed, workload.clipped_prompts)

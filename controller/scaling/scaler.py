@@ -17,6 +17,7 @@ Used by the sidecar (real time, through switcher.py) and by the virtual-time sca
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,10 @@ class ScalerConfig:
     margin: float = 0.2  # keep this share of a size's capacity spare
     grace_s: float = 60.0  # a smaller size must have been enough this long before moving down
     queue_per_capacity_s: float = 10.0  # a queue of q adds q / this to the measured rate
+    # Scale-up looks this far ahead along the demand's recent rise: the measured rate lags by
+    # half its window and a new size needs its cold start before it carries anything.
+    lookahead_s: float = 30.0
+    trend_points: int = 4  # periodic readings the rise is measured over
 
     def __post_init__(self) -> None:
         if not (self.period_s > 0 and math.isfinite(self.period_s)):
@@ -113,6 +118,7 @@ class InstanceScaler:
         self.current = names.index(start) if start is not None else len(self.sizes) - 1
         self._enough_since: float | None = None
         self._next_s = -math.inf
+        self._readings: deque[tuple[float, float]] = deque(maxlen=self.config.trend_points)
 
     @property
     def current_size(self) -> EngineSize:
@@ -128,8 +134,13 @@ class InstanceScaler:
             return None
         self._next_s = now_s + self.config.period_s
         demand = demand_rps(rate_rps, queued, self.config)
+        self._readings.append((now_s, demand))
+        ahead = demand + max(0.0, self.trend()) * self.config.lookahead_s
         want = smallest_fitting(self.sizes, demand, self.config.margin)
+        want_ahead = smallest_fitting(self.sizes, ahead, self.config.margin)
         old = self.sizes[self.current].name
+        if want_ahead > self.current:
+            want = want_ahead
         if want > self.current:
             self._enough_since = None
             self.current = want
@@ -144,3 +155,11 @@ class InstanceScaler:
         self._enough_since = None
         self.current = want
         return ScaleDecision(now_s, old, self.sizes[want].name, demand, "down")
+
+    def trend(self) -> float:
+        """Demand's rise in requests/s per second over the recent readings (0 with fewer than
+        two)."""
+        if len(self._readings) < 2:
+            return 0.0
+        (t0, d0), (t1, d1) = self._readings[0], self._readings[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0

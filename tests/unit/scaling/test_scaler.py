@@ -70,3 +70,22 @@ def test_bad_configuration_is_named() -> None:
         ScalerConfig(period_s=0)
     with pytest.raises(ValueError, match="unknown start size 'tp8'"):
         InstanceScaler(SIZES, start="tp8")
+
+
+def test_a_rising_demand_scales_up_ahead_of_the_limit() -> None:
+    """0.2 -> 0.4 req/s in 10 s: 0.4 now is within tp1's 0.8 (with margin), but 30 s ahead
+    along that rise it is 1.0: up now, not after the overload."""
+    ahead = InstanceScaler(SIZES, ScalerConfig(period_s=10, lookahead_s=30.0), start="tp1")
+    blind = InstanceScaler(SIZES, ScalerConfig(period_s=10, lookahead_s=0.0), start="tp1")
+    for s in (ahead, blind):
+        assert s.update(0.0, 0.2) is None
+    decision = ahead.update(10.0, 0.4)
+    assert decision is not None and decision.to_size == "tp2"
+    assert blind.update(10.0, 0.4) is None
+
+
+def test_flat_demand_does_not_look_ahead() -> None:
+    s = InstanceScaler(SIZES, ScalerConfig(period_s=10, lookahead_s=30.0), start="tp1")
+    for k in range(5):
+        assert s.update(10.0 * k, 0.7) is None
+    assert s.trend() == 0.0

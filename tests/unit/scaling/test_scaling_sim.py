@@ -85,5 +85,7 @@ def test_daily_swing_follows_low_high_low() -> None:
     middle = ((t > 450) & (t < 550)).sum() / 100.0
     assert edge < 1.2 and middle > 3.5
     assert len(swung.requests) == pytest.approx(2500, rel=0.01)  # mean 2.5/s over 1000 s
+    per_second, _ = np.histogram(t, bins=1000, range=(0.0, 1000.0))
+    assert per_second.max() < 20  # nothing piles up anywhere (e.g. at the end)
     with pytest.raises(ValueError, match="the swing needs"):
         daily_swing(source, 10.0, 20.0, 1000.0)
