@@ -36,6 +36,12 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
     "slo_e2e_ms": (float, "default E2E target"),
     "telemetry_timeout_s": (float, "reset clocks after this long without telemetry (default 3)"),
     "observe_only": (bool, "decide and export metrics, never change clocks"),
+    "gpu_idle_power_w": (
+        float,
+        "per-GPU idle power for the energy floor (default: the twin preset's; real GPUs 0)",
+    ),
+    "keda_port": (int, "serve KEDA's external scaler API on this port (default 0: off)"),
+    "keda_host": (str, "address the KEDA scaler binds (default 127.0.0.1)"),
 }
 DEFAULTS: dict[str, Any] = {
     "model_name": "tensorrt_llm",
@@ -50,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "slo_e2e_ms": None,
     "telemetry_timeout_s": 3.0,
     "observe_only": False,
+    "gpu_idle_power_w": None,
+    "keda_port": 0,
+    "keda_host": "127.0.0.1",
 }
 
 
@@ -120,6 +129,7 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
     from .gpu.remote_twin import RemoteTwinDriver
     from .oracle_model import TwinOracleModel
     from .perf_model import CatBoostPerformanceModel, PerformanceModel
+    from .scaling.rate_meter import ArrivalRateMeter
     from .sidecar import Sidecar, SidecarConfig
     from .telemetry_client import InstanceLink
 
@@ -172,8 +182,10 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
         registry_dir=Path(settings["registry_dir"]) if settings["registry_dir"] else None,
         default_slo=slo,
         telemetry_timeout_s=settings["telemetry_timeout_s"],
+        idle_power_w=settings["gpu_idle_power_w"],
     )
-    return Sidecar(config, models, drivers)
+    meter = ArrivalRateMeter(models=[settings["model_name"]])
+    return Sidecar(config, models, drivers, meter=meter)
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -182,6 +194,12 @@ def _controller(args: argparse.Namespace) -> int:
     sidecar = build_sidecar(settings)
     if settings["metrics_port"]:
         sidecar.metrics.serve(settings["metrics_port"], settings["metrics_host"])
+    keda = None
+    if settings["keda_port"]:
+        from .scaling.keda import serve_keda
+
+        keda, port = serve_keda(sidecar.meter, settings["keda_host"], settings["keda_port"])
+        print(f"KEDA external scaler on {settings['keda_host']}:{port}", file=sys.stderr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -195,5 +213,9 @@ def _controller(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    sidecar.run(stop)  # resets every GPU it locked on the way out
+    try:
+        sidecar.run(stop)  # resets every GPU it locked on the way out
+    finally:
+        if keda is not None:
+            keda.stop(1.0)
     return 0

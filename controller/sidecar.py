@@ -21,13 +21,14 @@ from pathlib import Path
 from throttllem.backend.telemetry.discovery import discover
 
 from .control_loop import ControllerConfig, DriverActuator, InstanceController
-from .events import Finished, Slo
+from .events import Arrived, Finished, Iteration, Slo
 from .gpu.driver import ClockDriver
 from .ips_table import IpsTable
 from .length_predictor import LengthPredictor
 from .metrics import ControllerMetrics
 from .perf_model import PerformanceModel
 from .projection import Admission, EngineLimits
+from .scaling.rate_meter import ArrivalRateMeter
 from .scoreboard import Scoreboard
 from .telemetry_client import Delivery, InstanceLink, slo_from_pb
 
@@ -46,6 +47,9 @@ class SidecarConfig:
     telemetry_timeout_s: float = 3.0
     tick_s: float = 0.01
     discover_every_s: float = 1.0
+    # Per-GPU idle power for the energy floor (ips_table.py); None: the preset's for a twin,
+    # else 0 (the floor then weighs whole iteration energy: conservative, higher clocks).
+    idle_power_w: float | None = None
 
 
 @dataclass
@@ -65,8 +69,13 @@ class Sidecar:
         models: ModelSource,
         drivers: DriverSource,
         metrics: ControllerMetrics | None = None,
+        meter: ArrivalRateMeter | None = None,
     ) -> None:
         self.config = config
+        # Demand for the scalers (KEDA's external scaler, the in-node scaler): arrivals on the
+        # meter's own wall clock, never the engines' (a sped-up twin would inflate the rate).
+        self.meter = meter
+        self._queued: dict[str, int] = {}
         self._models = models
         self._drivers = drivers
         self.metrics = metrics or ControllerMetrics()
@@ -103,6 +112,7 @@ class Sidecar:
                 max_batch=info.max_batch_size,
                 kv_capacity_blocks=int(info.kv_max_blocks),
                 tokens_per_block=info.kv_tokens_per_block,
+                idle_power_w=self._idle_power_w(info.engine_kind, info.gpu_name),
             )
             slo = self.config.default_slo
             if info.HasField("default_slo"):
@@ -127,6 +137,18 @@ class Sidecar:
             info.tp_size,
             endpoint,
         )
+
+    def _idle_power_w(self, engine_kind: str, gpu_name: str) -> float:
+        if self.config.idle_power_w is not None:
+            return self.config.idle_power_w
+        if engine_kind != "twin":
+            return 0.0
+        from throttllem.backend.twin.hardware import default_catalog
+
+        try:
+            return default_catalog().gpu(gpu_name).idle_power_w
+        except Exception:
+            return 0.0
 
     def discover(self) -> None:
         seen = set()
@@ -171,6 +193,13 @@ class Sidecar:
                 inst.controller.observe(ev)
                 if isinstance(ev, Finished):
                     inst.tokens += ev.output_tokens
+                elif isinstance(ev, Arrived) and self.meter is not None:
+                    self.meter.record_arrival(self.config.model_name)
+                elif isinstance(ev, Iteration):
+                    self._queued[delivery.endpoint] = ev.queued_requests
+        if self.meter is not None:
+            live = sum(n for e, n in self._queued.items() if e in self.instances)
+            self.meter.set_queued(self.config.model_name, live)
         for inst in self.instances.values():
             self._tick(inst, now_wall)
 
