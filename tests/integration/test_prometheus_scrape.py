@@ -37,7 +37,9 @@ GPU = "A100-SXM4-40GB"
 TRITON_METRICS, CONTROLLER_METRICS = 8002, 9400
 
 
-def deadline_poll(what: str, timeout_s: float, probe: Callable[[], Any]) -> Any:
+def deadline_poll(
+    what: str, timeout_s: float, probe: Callable[[], Any], detail: Callable[[], str] = str
+) -> Any:
     """Call `probe` until it returns something truthy; fail naming `what` at the deadline."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -46,7 +48,7 @@ def deadline_poll(what: str, timeout_s: float, probe: Callable[[], Any]) -> Any:
         if last:
             return last
         time.sleep(0.2)  # poll interval, not synchronisation: the deadline decides
-    pytest.fail(f"{what}: not within {timeout_s:.0f} s (last: {last!r})")
+    pytest.fail(f"{what}: not within {timeout_s:.0f} s (last: {last!r}) {detail()}")
 
 
 def stop(proc: subprocess.Popen[Any], timeout_s: float = 60) -> None:
@@ -67,7 +69,18 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(
+            "prometheus not found: `make ops-tools` installs Debian's prometheus package "
+            "(needs apt-get and root)"
+        )
+    return binary
+
+
+@pytest.fixture(scope="module")
+def served(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """`throttllem serve` on the twin (10x real time) with its controller (oracle model: no
     profiling), on free ports, stopped by SIGTERM whatever the test does."""
     work = tmp_path_factory.mktemp("serve") / "work"
@@ -99,7 +112,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         return any("controller running" in line for line in seen)
 
     try:
-        deadline_poll("throttllem serve ready with its controller", 180, controller_running)
+        deadline_poll(
+            "throttllem serve ready with its controller",
+            180,
+            controller_running,
+            lambda: "output:\n" + "".join(seen),
+        )
         yield Served(metrics, controller, work)
     finally:
         stop(proc)
@@ -138,20 +156,16 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def prometheus(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip(
-            "prometheus not found: `make ops-tools` installs Debian's prometheus package "
-            "(needs apt-get and root)"
-        )
+def prometheus(
+    prometheus_binary: str, served: Served, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
     folder = tmp_path_factory.mktemp("prometheus")
     config = folder / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(served)))
     port = free_port()
     log = (folder / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+        [prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
         stdout=log, stderr=subprocess.STDOUT, cwd=folder,
     )  # fmt: skip
