@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from . import stop_signals
 from .cli_twin import UsageError, guarded
 from .events import Slo
 
@@ -201,8 +201,7 @@ def _controller(args: argparse.Namespace) -> int:
         keda, port = serve_keda(sidecar.meter, settings["keda_host"], settings["keda_port"])
         print(f"KEDA external scaler on {settings['keda_host']}:{port}", file=sys.stderr)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_signals.install(stop)
     print(
         f"throttllem controller: watching model '{settings['model_name']}'"
         + (

@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from throttllem.backend.telemetry.discovery import discover
+from throttllem.backend.triton_model.routing_file import write_routing_file
 
+from . import stop_signals
+from .serve_scaling import (
+    SizePlan,
+    add_scaling_arguments,
+    measured_capacities,
+    plan_sizes,
+    scaling_spec,
+)
 from .triton_launcher import (
+    LLM_MODEL,
     Ports,
     RepositorySpec,
     TritonError,
@@ -108,12 +116,13 @@ def add_parser(sub: Any) -> None:
             default=None,
             help=f"the controller's default {name.upper()} target (engine time)",
         )
+    add_scaling_arguments(p)
     p.set_defaults(handler=run_serve)  # fmt: skip
 
 
 def start_controller(
-    args: argparse.Namespace, registry: Path, stop: threading.Event
-) -> threading.Thread:
+    args: argparse.Namespace, registry: Path, stop: threading.Event, watch: tuple[str, ...] = ()
+) -> tuple[threading.Thread, Any]:
     """The sidecar in a thread of this process; it resets every clock it set when it ends."""
     from .cli_controller import DEFAULTS, build_sidecar
 
@@ -125,13 +134,38 @@ def start_controller(
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tbt_ms": args.slo_tbt_ms,
         "slo_e2e_ms": args.slo_e2e_ms,
+        "watch_models": ",".join(watch) or None,
     }
     sidecar = build_sidecar(settings)
     if settings["metrics_port"]:
         sidecar.metrics.serve(settings["metrics_port"], "127.0.0.1")
     thread = threading.Thread(target=sidecar.run, args=(stop,), name="throttllem-controller")
     thread.start()
-    return thread
+    return thread, sidecar
+
+
+def start_scaling(args: argparse.Namespace, server: TritonServer, sidecar: Any,
+                  plans: list[SizePlan], routing: Path, registry: Path) -> Any:  # fmt: skip
+    """The scaler's loop beside the controller: the sidecar's arrival meter in, Triton's model
+    control out."""
+    import tritonclient.grpc as grpcclient
+
+    from .scaling.loop import ScalingLoop
+    from .scaling.scaler import EngineSize, InstanceScaler, ScalerConfig
+    from .scaling.scaler_metrics import ScalerMetrics
+    from .scaling.switcher import TritonSwitcher, telemetry_in_flight
+
+    sizes = [EngineSize(p.name, p.tp, p.capacity_rps or 0.0) for p in plans]
+    config = ScalerConfig(args.scale_period, args.scale_margin, args.scale_grace)
+    scaler = InstanceScaler(sizes, config, start=plans[0].name)
+    control = grpcclient.InferenceServerClient(server.grpc_url)
+    switcher = TritonSwitcher(control, routing, telemetry_in_flight(registry))
+    switcher.current = plans[0].variant
+    variants = {p.name: p.variant for p in plans}
+    loop = ScalingLoop(scaler, switcher, sidecar.meter, LLM_MODEL, variants.__getitem__,
+                       metrics=ScalerMetrics(sidecar.metrics.registry))  # fmt: skip
+    loop.start()
+    return loop
 
 
 def repository_spec(args: argparse.Namespace, registry: Path) -> RepositorySpec:
@@ -169,16 +203,22 @@ def run_serve(args: argparse.Namespace) -> int:
     registry = args.registry_dir or work / "registry"
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    restore_signals = stop_signals.install(stop)
     server: TritonServer | None = None
     controller: threading.Thread | None = None
+    scaling: Any = None
     clean = False
     try:
+        plans: list[SizePlan] = []
+        routing = work / "routing.json"
         try:
             spec = repository_spec(args, registry)
+            if args.scaling_tp:
+                if args.no_controller:
+                    raise ValueError("--scaling-tp needs the controller (drop --no-controller)")
+                plans = measured_capacities(args, plan_sizes(args))
+                write_routing_file(routing, plans[0].variant)
+                spec = scaling_spec(spec, plans, routing)
         except ValueError as e:
             print(f"throttllem serve: error: {e}", file=sys.stderr)
             return EXIT_USAGE
@@ -188,13 +228,19 @@ def run_serve(args: argparse.Namespace) -> int:
                                     work / "models", spec)  # fmt: skip
             ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
             explicit = ("--model-control-mode=explicit", "--load-model=*")
-            extra = explicit if args.model_control == "explicit" else ()
+            extra: tuple[str, ...] = explicit if args.model_control == "explicit" else ()
+            ready: tuple[str, ...] = (LLM_MODEL,)
+            if plans:  # the router, the smallest size and the text models; sizes come and go
+                first = plans[0].variant
+                ready = (LLM_MODEL, first)
+                loads = (LLM_MODEL, first, *spec.models)
+                extra = ("--model-control-mode=explicit", *(f"--load-model={m}" for m in loads))
             server = TritonServer(repo, work_dir=work, ports=ports, host=args.host,
                                   install=install, extra_args=extra)  # fmt: skip
             print(f"throttllem serve: starting {install.binary} ({install.source}); "
                   f"log {server.log_path}", flush=True)  # fmt: skip
             server.start()
-            server.wait_ready(args.ready_timeout, cancel=stop)
+            server.wait_ready(args.ready_timeout, ready, cancel=stop)
         except TritonError as e:
             print(f"throttllem serve: error: {e}", file=sys.stderr)
             return EXIT_TRITON
@@ -203,7 +249,13 @@ def run_serve(args: argparse.Namespace) -> int:
             return 0
         _print_ready(server, registry)
         if not args.no_controller:
-            controller = start_controller(args, registry, stop)
+            controller, sidecar = start_controller(
+                args, registry, stop, tuple(p.variant for p in plans)
+            )
+            if plans:
+                scaling = start_scaling(args, server, sidecar, plans, routing, registry)
+                sizes = ", ".join(f"{p.name} ({p.capacity_rps:.2f} req/s)" for p in plans)
+                print(f"throttllem serve: scaling between {sizes}", flush=True)
             port = args.controller_metrics_port
             print(
                 "throttllem serve: controller running"
@@ -221,12 +273,13 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop.set()
+        if scaling is not None:
+            scaling.stop()
         if controller is not None:
             controller.join(timeout=30)  # resets the clocks it set before Triton goes
         if server is not None:
             server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals()
         if owned and (clean or server is None):
             shutil.rmtree(work, ignore_errors=True)  # kept after a failure: the log is there
 

@@ -36,6 +36,9 @@ def add_scaling_arguments(sim: Any) -> None:
     g.add_argument("--scale-period", type=float, default=10.0, help="s between scaler looks")
     g.add_argument("--scale-grace", type=float, default=60.0, help="s before moving down")
     g.add_argument("--scale-margin", type=float, default=0.2, help="share of capacity kept spare")
+    g.add_argument(
+        "--scale-lookahead", type=float, default=30.0, help="s ahead along a rising demand"
+    )
 
 
 def _swing(spec: str) -> tuple[float, float]:
@@ -82,7 +85,10 @@ def simulate_scaling(args: argparse.Namespace) -> int:
     if args.cold_start < 0:
         raise UsageError(f"--cold-start must be >= 0, got {args.cold_start}")
     try:
-        scaler = ScalerConfig(args.scale_period, args.scale_margin, args.scale_grace)
+        scaler = ScalerConfig(
+            args.scale_period, args.scale_margin, args.scale_grace,
+            lookahead_s=args.scale_lookahead,
+        )  # fmt: skip
     except ValueError as e:
         raise UsageError(f"--scale-*: {e}") from e
     duration = args.duration or DEFAULT_SCALING_DURATION_S

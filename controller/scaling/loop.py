@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .rate_meter import ArrivalRateMeter
 from .scaler import InstanceScaler, ScaleDecision
+from .scaler_metrics import ScalerMetrics
 from .switcher import SwitchError, SwitchReport, TritonSwitcher
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class ScalingLoop:
     variant_of: Callable[[str], str]  # size name -> Triton model name
     clock: Callable[[], float] = time.monotonic
     on_decision: Callable[[ScaleDecision], None] | None = None
+    metrics: ScalerMetrics | None = None
     decisions: list[ScaleDecision] = field(default_factory=list)
     switches: list[SwitchReport] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -38,9 +40,17 @@ class ScalingLoop:
         """One periodic look; switches when the scaler says so."""
         rate = self.meter.request_rate_rps(self.demand_model) or 0.0
         decision = self.scaler.update(self.clock(), rate, self.meter.queued(self.demand_model))
+        if self.metrics is not None:
+            cfg, largest = self.scaler.config, self.scaler.sizes[-1]
+            gpus = self.scaler.current_size.gpus
+            self.metrics.record_look(
+                self.demand_model, rate, gpus, largest.total_capacity_rps, cfg.margin
+            )
         if decision is None:
             return None
         self.decisions.append(decision)
+        if self.metrics is not None:
+            self.metrics.record_decision(self.demand_model, decision)
         if self.on_decision is not None:
             self.on_decision(decision)
         try:

@@ -1,0 +1,163 @@
+"""`make eval`: the evaluation issue's acceptance matrix, in virtual time.
+
+Azure conv and code traces (../shared/data/traces; skipped with a reason when absent), twin
+A100-SXM4-40GB, Llama-3-8B TP1 and Llama-2-13B TP2, loads 0.25/0.5/0.75/0.9, SLO preset
+`paper`, two seeds (seed s: twin noise and model training seed s, and the trace window starting
+s x half the rescaled trace in, so the arrivals differ too). Policies: max, static-best, pid,
+throttllem, oracle, plus `static-matched`: the lowest fixed clock reaching throttllem's own
+attainment, so the two are compared at equal attainment.
+
+Writes one JSON object per configuration to OUT/matrix.jsonl and prints a summary with each
+goal checked. `python benchmarks/eval_matrix.py [--quick] [--out DIR] [--window S]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from throttllem.controller.evaluation.capacity import find_capacity, paper_slo, scale_to_load
+from throttllem.controller.evaluation.experiment import compare, static_best
+from throttllem.controller.evaluation.report import summarise
+from throttllem.controller.evaluation.simulator import EngineSetup
+from throttllem.controller.evaluation.workload import read_trace
+
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+ENGINES = (("llama-3-8b", 1), ("llama-2-13b", 2))
+LOADS = (0.25, 0.5, 0.75, 0.9)
+POLICIES = ["max", "static-best", "pid", "throttllem", "oracle"]
+KEYS = ("energy_j", "tokens_per_joule", "energy_saving_vs_max", "slo_attainment", "p99_e2e_ms")
+
+
+def run_one(
+    trace: str, model: str, tp: int, load: float, seed: int, window_s: float
+) -> dict[str, Any]:
+    kind = "code" if "code" in trace else "conv"
+    base = EngineSetup(model=model, tp=tp)
+    setup = EngineSetup(model=model, tp=tp, seed=seed)
+    capacity = find_capacity(base, kind, 0)  # one SLO per engine, whatever the seed
+    slo = paper_slo(capacity)
+    whole = scale_to_load(read_trace(TRACES / trace), capacity, load)
+    start = seed * whole.duration_s / 2
+    work = whole.window(start, window_s).clipped(setup.specs()[1].max_context)
+    comparison = compare(work, setup, POLICIES, slo)
+    row: dict[str, Any] = {"trace": kind, "model": model, "tp": tp, "load": load, "seed": seed,
+                           "requests": len(work.requests)}  # fmt: skip
+    for name, s in comparison.summaries.items():
+        row[name] = {k: getattr(s, k) for k in KEYS}
+    ours = comparison.summaries["throttllem"].slo_attainment
+    matched, mhz = static_best(work, setup, slo, ours)
+    s = summarise(matched, slo, comparison.results["max"].energy_j)
+    row["static-matched"] = {k: getattr(s, k) for k in KEYS} | {"clock_mhz": mhz}
+    return row
+
+
+def check(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    held = [r for r in rows if r["max"]["slo_attainment"] >= 0.99]
+    ok = all(r["throttllem"]["slo_attainment"] >= 0.99 for r in held)
+    worst = min((r["throttllem"]["slo_attainment"] for r in held), default=float("nan"))
+    lines.append(f"attainment >= 99% wherever max holds it ({len(held)} configs): "
+                 f"{'yes' if ok else 'NO'} (lowest {worst:.4f})")  # fmt: skip
+    conv = [r for r in rows if r["trace"] == "conv"]
+    if conv:
+        saving = statistics.fmean(r["throttllem"]["energy_saving_vs_max"] for r in conv)
+        tpj = statistics.fmean(r["throttllem"]["tokens_per_joule"] / r["max"]["tokens_per_joule"]
+                               for r in conv)  # fmt: skip
+        lines.append(f"conv: mean saving {100 * saving:.1f}% (goal >= 30) "
+                     f"{'yes' if saving >= 0.30 else 'NO'}; tokens/J {tpj:.2f}x (goal >= 1.4) "
+                     f"{'yes' if tpj >= 1.4 else 'NO'}")  # fmt: skip
+    for rival in ("static-matched", "pid"):
+        wins = [
+            r for r in rows
+            if r["throttllem"]["energy_j"] <= r[rival]["energy_j"]
+            or r["throttllem"]["slo_attainment"] > r[rival]["slo_attainment"] + 1e-9
+        ]  # fmt: skip
+        lines.append(f"less energy than {rival} at equal or better attainment, or better "
+                     f"attainment: {len(wins)}/{len(rows)}")  # fmt: skip
+    ratios = [r["throttllem"]["energy_saving_vs_max"] / r["oracle"]["energy_saving_vs_max"]
+              for r in rows if r["oracle"]["energy_saving_vs_max"] > 0.01]  # fmt: skip
+    if ratios:
+        lines.append(f"share of oracle's saving: mean {statistics.fmean(ratios):.2f}, min "
+                     f"{min(ratios):.2f} (goal >= 0.90)")  # fmt: skip
+    return lines
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| trace | engine | load | seed | max att. | ours: saving / tok/J x / att. | pid "
+        "| static-best | static at our att. | oracle |"
+    )
+    out = [head, "|" + "---|" * 10]
+
+    def cell(r: dict[str, Any], p: str) -> str:
+        x = r[p]
+        return f"{100 * x['energy_saving_vs_max']:.1f}% / {100 * x['slo_attainment']:.1f}%"
+
+    for r in rows:
+        ours = r["throttllem"]
+        tpj = ours["tokens_per_joule"] / r["max"]["tokens_per_joule"]
+        out.append(
+            f"| {r['trace']} | {r['model']} TP{r['tp']} | {r['load']} | {r['seed']} | "
+            f"{100 * r['max']['slo_attainment']:.1f}% | "
+            f"{100 * ours['energy_saving_vs_max']:.1f}% / "
+            f"{tpj:.2f} / {100 * ours['slo_attainment']:.1f}% | {cell(r, 'pid')} | "
+            f"{cell(r, 'static-best')} | {cell(r, 'static-matched')} | {cell(r, 'oracle')} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("eval-out"))
+    parser.add_argument("--window", type=float, default=600.0, help="seconds of trace per run")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--quick", action="store_true", help="conv, 8B, loads .25/.75, seed 0")
+    args = parser.parse_args(argv)
+    if not TRACES.is_dir():
+        print(f"skipped: no traces at {TRACES} (../shared/data is absent)")
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",")]
+    traces = ["AzureLLMInferenceTrace_conv.csv", "AzureLLMInferenceTrace_code.csv"]
+    engines, loads = ENGINES, LOADS
+    if args.quick:
+        traces, engines, loads, seeds = traces[:1], ENGINES[:1], (0.25, 0.75), [0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "matrix.jsonl"
+    done = {}
+    if path.exists():  # resume: configurations already measured are kept
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["trace"], r["model"], r["load"], r["seed"])] = r
+    rows = []
+    for trace in traces:
+        for model, tp in engines:
+            for load in loads:
+                for seed in seeds:
+                    key = ("code" if "code" in trace else "conv", model, load, seed)
+                    if key in done:
+                        rows.append(done[key])
+                        continue
+                    t0 = time.monotonic()
+                    row = run_one(trace, model, tp, load, seed, args.window)
+                    row["wall_s"] = time.monotonic() - t0
+                    rows.append(row)
+                    with path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    ours = row["throttllem"]
+                    print(f"{key}: ours {100 * ours['energy_saving_vs_max']:.1f}% at "
+                          f"{100 * ours['slo_attainment']:.2f}% ({row['wall_s']:.0f} s)",
+                          flush=True)  # fmt: skip
+    summary = table(rows) + "\n\n" + "\n".join(check(rows))
+    (args.out / "matrix.md").write_text(summary + "\n")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
