@@ -148,22 +148,19 @@ def start_scaling(args: argparse.Namespace, server: TritonServer, sidecar: Any,
                   plans: list[SizePlan], routing: Path, registry: Path) -> Any:  # fmt: skip
     """The scaler's loop beside the controller: the sidecar's arrival meter in, Triton's model
     control out."""
-    import tritonclient.grpc as grpcclient
+    from .scaling.runtime import build_scaling_loop
+    from .scaling.scaler import EngineSize, ScalerConfig
 
-    from .scaling.loop import ScalingLoop
-    from .scaling.scaler import EngineSize, InstanceScaler, ScalerConfig
-    from .scaling.scaler_metrics import ScalerMetrics
-    from .scaling.switcher import TritonSwitcher, telemetry_in_flight
-
-    sizes = [EngineSize(p.name, p.tp, p.capacity_rps or 0.0) for p in plans]
-    config = ScalerConfig(args.scale_period, args.scale_margin, args.scale_grace)
-    scaler = InstanceScaler(sizes, config, start=plans[0].name)
-    control = grpcclient.InferenceServerClient(server.grpc_url)
-    switcher = TritonSwitcher(control, routing, telemetry_in_flight(registry))
-    switcher.current = plans[0].variant
-    variants = {p.name: p.variant for p in plans}
-    loop = ScalingLoop(scaler, switcher, sidecar.meter, LLM_MODEL, variants.__getitem__,
-                       metrics=ScalerMetrics(sidecar.metrics.registry))  # fmt: skip
+    loop = build_scaling_loop(
+        server.grpc_url,
+        [EngineSize(p.name, p.tp, p.capacity_rps or 0.0) for p in plans],
+        model_name=LLM_MODEL,
+        routing_file=routing,
+        registry_dir=registry,
+        meter=sidecar.meter,
+        registry=sidecar.metrics.registry,
+        config=ScalerConfig(args.scale_period, args.scale_margin, args.scale_grace),
+    )
     loop.start()
     return loop
 
@@ -214,8 +211,6 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             spec = repository_spec(args, registry)
             if args.scaling_tp:
-                if args.no_controller:
-                    raise ValueError("--scaling-tp needs the controller (drop --no-controller)")
                 plans = measured_capacities(args, plan_sizes(args))
                 write_routing_file(routing, plans[0].variant)
                 spec = scaling_spec(spec, plans, routing)

@@ -31,13 +31,18 @@ class ScalingLoop:
     clock: Callable[[], float] = time.monotonic
     on_decision: Callable[[ScaleDecision], None] | None = None
     metrics: ScalerMetrics | None = None
+    # Live instances of a Triton model (telemetry registry): a size with fewer than Triton's
+    # configured count lost a process and is reloaded. None: no repair.
+    live_instances: Callable[[str], int] | None = None
     decisions: list[ScaleDecision] = field(default_factory=list)
     switches: list[SwitchReport] = field(default_factory=list)
+    repairs: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def look(self) -> ScaleDecision | None:
-        """One periodic look; switches when the scaler says so."""
+        """One periodic look; repairs the serving size, then switches when the scaler says so."""
+        self._repair()
         rate = self.meter.request_rate_rps(self.demand_model) or 0.0
         decision = self.scaler.update(self.clock(), rate, self.meter.queued(self.demand_model))
         if self.metrics is not None:
@@ -59,6 +64,20 @@ class ScalingLoop:
             log.error("switch %s -> %s failed: %s", decision.from_size, decision.to_size, e)
             self.scaler.current = [s.name for s in self.scaler.sizes].index(decision.from_size)
         return decision
+
+    def _repair(self) -> None:
+        current = self.switcher.current
+        if self.live_instances is None or current is None:
+            return
+        try:
+            expected = self.switcher.expected_instances(current)
+            alive = self.live_instances(current)
+            if alive < expected:
+                log.warning("%s: %d of %d instances alive: reloading it", current, alive, expected)
+                self.switcher.repair(current)
+                self.repairs += 1
+        except Exception as e:
+            log.error("repairing %s failed: %s", current, e)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="throttllem-scaler", daemon=True)

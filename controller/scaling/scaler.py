@@ -43,7 +43,7 @@ class EngineSize:
 @dataclass(frozen=True)
 class ScalerConfig:
     period_s: float = 10.0
-    margin: float = 0.2  # keep this share of a size's capacity spare
+    margin: float = 0.1  # keep this share of a size's capacity spare
     grace_s: float = 60.0  # a smaller size must have been enough this long before moving down
     queue_per_capacity_s: float = 10.0  # a queue of q adds q / this to the measured rate
     # Scale-up looks this far ahead along the demand's recent rise: the measured rate lags by

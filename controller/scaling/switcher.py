@@ -38,6 +38,8 @@ class ModelControl(Protocol):
 
     def is_model_ready(self, model_name: str) -> bool: ...
 
+    def get_model_config(self, model_name: str, as_json: bool = False) -> Any: ...
+
 
 class SwitchError(RuntimeError):
     pass
@@ -111,6 +113,18 @@ class TritonSwitcher:
         self._until(lambda: self.control.is_model_ready(model), self.ready_timeout_s,
                     f"{model} not ready with {count} instances")  # fmt: skip
 
+    def expected_instances(self, model: str) -> int:
+        config = self.control.get_model_config(model, as_json=True)
+        groups = config.get("config", config).get("instance_group", [])
+        return sum(int(g.get("count", 1)) for g in groups) or 1
+
+    def repair(self, model: str) -> None:
+        """Reload `model` (Triton starts fresh instances; requests on live ones finish there):
+        the way back from an instance whose process died, which Triton does not restart."""
+        self.control.load_model(model)
+        self._until(lambda: self.control.is_model_ready(model), self.ready_timeout_s,
+                    f"{model} not ready after a reload")  # fmt: skip
+
     def _load_and_wait(self, model: str) -> None:
         if not self.control.is_model_ready(model):
             self.control.load_model(model)
@@ -123,6 +137,13 @@ class TritonSwitcher:
             if self._clock() >= deadline:
                 raise SwitchError(f"{what} after {timeout_s:.0f} s")
             self._wait(self.poll_s)
+
+
+def live_instances(registry_dir: Path) -> Callable[[str], int]:
+    """Instances of a model whose process is alive (telemetry registry, pid checked)."""
+    from throttllem.backend.telemetry.discovery import discover
+
+    return lambda model: len(discover(registry_dir, model))
 
 
 def telemetry_in_flight(registry_dir: Path) -> Callable[[str], int]:
