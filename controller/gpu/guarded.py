@@ -3,6 +3,10 @@
 It owns the behaviour that must not differ between NVML, the twin and the clock daemon:
 argument checks before anything is written, idempotent writes, observe-only mode after a
 permission error (reported once, with the fix), write timing, and resetting on close.
+
+Closing resets every GPU a lock was ever sent to and whose reset was not confirmed since, not
+only the locks known to be in force: a write that fails half-way (GPU lost, daemon gone) leaves
+its GPUs in an unknown state, possibly locked.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from .driver import CallLatency, GpuDevices, LatencyRecorder, WriteOutcome
-from .errors import GpuError, InvalidArgument, NoPermission
+from .errors import GpuError, InvalidArgument, LeaseConflict, NoPermission
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ class GuardedClockDriver:
         # gpu -> lock known to be in force (None: reset). A missing key means "unknown" (never
         # written, or a write failed half-way), which always gets written.
         self._known: dict[int, Lock] = {}
+        # GPUs a lock was sent to (whether or not the write succeeded) and that no reset has
+        # been confirmed for since: what close() must reset.
+        self._attempted: set[int] = set()
         self._observe_only_reason = "observe-only by configuration" if observe_only else None
         self._refused_writes = 0
         self._latency = LatencyRecorder()
@@ -119,22 +126,27 @@ class GuardedClockDriver:
                 self._known.pop(gpu, None)
 
     def close(self) -> None:
-        """Reset what this driver locked, then release the backend. Never raises."""
+        """Reset every GPU this driver tried to lock and did not see reset since (locks known
+        to be in force, and GPUs a failed write left unknown), then release the backend.
+        Each GPU is reset on its own, so one lost GPU does not keep the others locked.
+        Never raises: failures are logged."""
         with self._mutex:
             if self._closed:
                 return
             self._closed = True
-            locked = [gpu for gpu, lock in self._known.items() if lock is not None]
-            if locked and self._observe_only_reason is None:
+            for gpu in sorted(self._attempted):
                 try:
-                    self._devices.reset_locked_clocks(locked)
-                except GpuError as e:
+                    self._devices.reset_locked_clocks([gpu])
+                except Exception as e:
                     log.error(
-                        "%s: could not reset clocks of GPUs %s on close: %s", self._name, locked, e
+                        "%s: could not reset the clocks of GPU %d on close: %s", self._name, gpu, e
                     )
+                else:
+                    self._attempted.discard(gpu)
+                    self._known[gpu] = None
             try:
                 self._devices.close()
-            except GpuError as e:
+            except Exception as e:
                 log.warning("%s: closing the backend failed: %s", self._name, e)
 
     def __enter__(self) -> GuardedClockDriver:
@@ -166,22 +178,35 @@ class GuardedClockDriver:
                 log.debug("%s: observe-only, not writing %s to GPUs %s", self._name, target, todo)
                 return WriteOutcome.REFUSED
             start_s = self._perf_counter_s()
+            newly_attempted = [
+                gpu for gpu in todo if target is not None and gpu not in self._attempted
+            ]
+            self._attempted.update(newly_attempted)
             try:
                 if target is None:
                     self._devices.reset_locked_clocks(todo)
                 else:
                     self._devices.set_locked_clocks(todo, target[0], target[1])
             except NoPermission as e:
+                # Refused for lack of privilege: nothing was written, nothing new to reset.
+                self._attempted.difference_update(newly_attempted)
                 self._enter_observe_only(e)
                 return WriteOutcome.REFUSED
+            except LeaseConflict:
+                # The clock daemon checks every lease before it touches a clock: nothing changed.
+                self._attempted.difference_update(newly_attempted)
+                raise
             except GpuError:
-                # Some GPUs may have changed before the failure: make all of them unknown.
+                # Some GPUs may have changed before the failure: make all of them unknown (they
+                # stay in _attempted, so close() resets them).
                 for gpu in todo:
                     self._known.pop(gpu, None)
                 raise
             self._latency.record((self._perf_counter_s() - start_s) * 1000.0)
             for gpu in todo:
                 self._known[gpu] = target
+            if target is None:
+                self._attempted.difference_update(todo)
             return WriteOutcome.APPLIED
 
     def _enter_observe_only(self, error: NoPermission) -> None:

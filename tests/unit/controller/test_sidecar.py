@@ -11,6 +11,7 @@ engine clock, then calling `sidecar.step()`: nothing sleeps.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,12 +21,14 @@ import numpy.typing as npt
 import pytest
 
 from throttllem.backend.telemetry.discovery import InstanceEndpoint
+from throttllem.backend.twin.errors import TwinNvmlError
 from throttllem.backend.twin.gpu import TwinGpu
 from throttllem.backend.twin.hardware import GpuSpec, default_catalog
 from throttllem.backend.twin.time_source import VirtualTime
 from throttllem.controller import sidecar as sidecar_module
 from throttllem.controller.events import Arrived, Event, InFlight, Slo
 from throttllem.controller.gpu.driver import ClockDriver
+from throttllem.controller.gpu.errors import GpuLost
 from throttllem.controller.gpu.twin_driver import TwinDriver
 from throttllem.controller.perf_model import FEATURES, PerformanceModel
 from throttllem.controller.sidecar import Sidecar, SidecarConfig
@@ -51,15 +54,19 @@ class AnalyticModel:
 
 
 class CountingTwinGpu(TwinGpu):
-    """A twin GPU that counts the lock and reset calls reaching it."""
+    """A twin GPU that counts the lock and reset calls reaching it; `fail_set` makes its lock
+    calls fail (e.g. NVML's "GPU is lost")."""
 
     def __init__(self, spec: GpuSpec, time_source: VirtualTime, index: int) -> None:
         super().__init__(spec, time_source, index=index, clock_change_latency_ms=0.0)
         self.sets = 0
         self.resets = 0
+        self.fail_set: Exception | None = None
 
     def set_locked_clocks(self, min_mhz: int, max_mhz: int) -> None:
         self.sets += 1
+        if self.fail_set is not None:
+            raise self.fail_set
         super().set_locked_clocks(min_mhz, max_mhz)
 
     def reset_locked_clocks(self) -> None:
@@ -421,3 +428,19 @@ def test_vanished_instance_is_detached_and_its_gpus_reset(harness: Harness) -> N
     assert "a:1" not in harness.sidecar.instances
     assert link.closed
     assert harness.locks("a:1") == [None, None]
+
+
+def test_a_failed_clock_write_ends_the_controller_with_every_gpu_reset(harness: Harness) -> None:
+    """GPU 1 is lost while the first lock is written: GPU 0 is already locked, the driver no
+    longer knows either lock, and the error ends the controller. Exiting resets GPU 0 anyway
+    (and tries GPU 1), and the other instance's GPUs too."""
+    harness.register("a:1")
+    harness.register("b:2")
+    harness.gpus["a:1"][1].fail_set = TwinNvmlError(15, "GPU is lost")
+    with pytest.raises(GpuLost):
+        harness.sidecar.run(threading.Event())
+    assert harness.gpus["a:1"][0].sets == 1
+    assert harness.locks("a:1") == [None, None]
+    assert harness.resets("a:1") == 2  # GPU 0 reset, GPU 1 tried
+    assert harness.locks("b:2") == [None, None]
+    assert harness.sidecar.instances == {}

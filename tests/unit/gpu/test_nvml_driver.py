@@ -159,6 +159,23 @@ def test_gpu_lost_during_a_write_raises_and_forgets_the_half_written_locks(
         assert fake_nvml.locks() == {0: (705, 705), 1: (705, 705)}
 
 
+def test_close_after_a_gpu_is_lost_resets_the_gpus_the_failed_write_locked(
+    fake_nvml: FakeNvml, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failed write leaves GPU 0 locked and unknown to the driver: closing resets it, and
+    the lost GPU's failing reset is logged, not raised."""
+    fake_nvml.configure(gpu_count=2)
+    driver = NvmlDriver.open()
+    fake_nvml.fail("nvmlDeviceSetGpuLockedClocks@1=15,nvmlDeviceResetGpuLockedClocks@1=15")
+    with pytest.raises(GpuLost):
+        driver.set_locked_clocks([0, 1], 705, 705)
+    assert fake_nvml.locks()[0] == (705, 705)
+    driver.close()
+    assert fake_nvml.locks()[0] is None
+    assert fake_nvml.init_count() == 0  # NVML released all the same
+    assert any("GPU 1" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
 @pytest.mark.parametrize(
     ("gpus", "lo", "hi", "match"),
     [

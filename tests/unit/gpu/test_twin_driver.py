@@ -145,3 +145,85 @@ def test_duplicate_or_missing_twin_gpus_are_refused(spec: GpuSpec) -> None:
         TwinDriver([TwinGpu(spec, time, index=0), TwinGpu(spec, time, index=0)])
     with pytest.raises(InvalidArgument):
         TwinDriver([])
+
+
+# ---- close after a failed write ----------------------------------------------------------------
+
+
+class FailingTwinGpu(CountingTwinGpu):
+    """A twin GPU that can be made to fail its lock or reset calls (NVML "GPU is lost")."""
+
+    fail_set: Exception | None = None
+    fail_reset: Exception | None = None
+
+    def set_locked_clocks(self, min_mhz: int, max_mhz: int) -> None:
+        if self.fail_set is not None:
+            raise self.fail_set
+        super().set_locked_clocks(min_mhz, max_mhz)
+
+    def reset_locked_clocks(self) -> None:
+        if self.fail_reset is not None:
+            raise self.fail_reset
+        super().reset_locked_clocks()
+
+
+def failing_gpus(spec: GpuSpec, time: VirtualTime, n: int = 2) -> list[FailingTwinGpu]:
+    return [FailingTwinGpu(spec, time, index=i, clock_change_latency_ms=0.0) for i in range(n)]
+
+
+GPU_LOST = TwinNvmlError(15, "GPU is lost")
+
+
+def test_close_resets_the_gpus_a_half_failed_write_left_locked(spec: GpuSpec) -> None:
+    gpus = failing_gpus(spec, VirtualTime())
+    driver = TwinDriver(gpus)
+    gpus[1].fail_set = GPU_LOST
+    with pytest.raises(GpuLost):
+        driver.set_locked_clocks([0, 1], 900, 900)  # GPU 0 locked, then GPU 1 lost
+    assert gpus[0].locked_clocks_mhz() == (900, 900)
+    assert driver.locked_clocks_mhz(0) is None  # unknown to the driver
+    driver.close()
+    assert gpus[0].locked_clocks_mhz() is None
+
+
+def test_close_resets_every_gpu_it_tried_even_when_one_reset_fails(
+    spec: GpuSpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    gpus = failing_gpus(spec, VirtualTime(), 3)
+    driver = TwinDriver(gpus)
+    assert driver.set_locked_clocks([0, 1, 2], 1005, 1005) is WriteOutcome.APPLIED
+    gpus[1].fail_set = GPU_LOST
+    gpus[1].fail_reset = GPU_LOST
+    with pytest.raises(GpuLost):
+        driver.set_locked_clocks([0, 1, 2], 600, 600)  # GPU 0 at 600, GPU 1 lost, GPU 2 at 1005
+    caplog.set_level(logging.ERROR)
+    driver.close()  # never raises
+    assert gpus[0].locked_clocks_mhz() is None
+    assert gpus[2].locked_clocks_mhz() is None  # the lost GPU before it does not stop it
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "GPU 1" in errors[0] and "lost" in errors[0]
+    driver.close()  # idempotent: nothing more written
+    assert gpus[0].writes == 3
+
+
+def test_close_leaves_gpus_whose_reset_was_confirmed(spec: GpuSpec) -> None:
+    gpus = failing_gpus(spec, VirtualTime())
+    driver = TwinDriver(gpus)
+    driver.set_locked_clocks([0, 1], 900, 900)
+    driver.reset_locked_clocks([0, 1])
+    gpus[1].fail_set = GPU_LOST
+    with pytest.raises(GpuLost):
+        driver.set_locked_clocks([1], 600, 600)
+    driver.close()
+    assert [g.writes for g in gpus] == [2, 3]  # GPU 0 untouched; GPU 1 reset once more
+
+
+def test_close_after_a_refused_write_writes_nothing(spec: GpuSpec) -> None:
+    gpus = [
+        CountingTwinGpu(spec, VirtualTime(), index=i, privileged=False, clock_change_latency_ms=0)
+        for i in (0, 1)
+    ]
+    driver = TwinDriver(gpus)
+    assert driver.set_locked_clocks([0, 1], 900, 900) is WriteOutcome.REFUSED
+    driver.close()
+    assert [g.writes for g in gpus] == [1, 0]  # the refused call only: no reset on close
