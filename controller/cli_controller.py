@@ -168,7 +168,10 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
         if kind == "twin":
             return RemoteTwinDriver(link.endpoint, observe_only=observe)
         if kind == "clockd":
-            return ClockdClient.connect(Path(settings["clockd_socket"]))
+            # One client per instance, for its own GPUs: instances never contend for a lease.
+            return ClockdClient.connect(
+                Path(settings["clockd_socket"]), gpus=list(link.info.gpu_indices) or None
+            )
         return NvmlDriver.open(list(link.info.gpu_indices) or None, observe_only=observe)
 
     slo = Slo(

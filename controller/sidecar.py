@@ -23,6 +23,8 @@ from throttllem.backend.telemetry.discovery import discover
 from .control_loop import ControllerConfig, DriverActuator, InstanceController
 from .events import Arrived, Finished, Iteration, Slo
 from .gpu.driver import ClockDriver
+from .gpu.errors import LeaseConflict
+from .gpu.guarded import GuardedClockDriver
 from .ips_table import IpsTable
 from .length_predictor import LengthPredictor
 from .metrics import ControllerMetrics
@@ -225,7 +227,19 @@ class Sidecar:
         if inst.controller is None:
             return
         started = time.perf_counter()
-        decision = inst.controller.maybe_decide(inst.link.clock.now_s())
+        try:
+            decision = inst.controller.maybe_decide(inst.link.clock.now_s())
+        except LeaseConflict as e:
+            # Another client of the clock daemon holds this instance's GPUs: nothing was
+            # written. Observe this instance only; the others (and the controller) go on.
+            log.warning(
+                "%s: %s: another client of the clock daemon holds its GPUs; observing this "
+                "instance only (its clocks are not changed)",
+                name,
+                e,
+            )
+            self._observe_only(inst, f"lease conflict: {e}")
+            return
         if decision is not None:
             self.metrics.record(name, decision, time.perf_counter() - started)
             self.metrics.attainment.labels(name).set(inst.controller.scoreboard.attainment())
@@ -243,6 +257,12 @@ class Sidecar:
                 )
             except Exception as e:
                 log.debug("%s: energy reading failed: %s", name, e)
+
+    def _observe_only(self, inst: ManagedInstance, reason: str) -> None:
+        if isinstance(inst.driver, GuardedClockDriver):
+            inst.driver.enter_observe_only(reason)  # keeps deciding and exporting metrics
+        else:
+            inst.controller = None
 
     def run(self, stop: threading.Event) -> None:
         try:

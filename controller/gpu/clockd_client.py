@@ -5,6 +5,10 @@ error, timed writes), over `ClockdDevices`, which speak the daemon's line protoc
 lease alive from a background thread. The lease belongs to the connection: if the connection
 breaks, the daemon has already reset the clocks, so the client forgets what it had locked and
 sets it again on the next write (reconnecting then).
+
+A client is scoped to a set of the daemon's GPUs (`gpus`; default all of them): the controller
+opens one per engine instance, for that instance's GPUs, so instances never ask for each
+other's GPUs (each connection is its own lease holder).
 """
 
 from __future__ import annotations
@@ -84,7 +88,13 @@ class ClockdDevices:
     """`GpuDevices` through the clock daemon, with the lease renewed in the background."""
 
     def __init__(
-        self, socket_path: Path, *, lease_s: float, renew_every_s: float, timeout_s: float
+        self,
+        socket_path: Path,
+        *,
+        lease_s: float,
+        renew_every_s: float,
+        timeout_s: float,
+        gpus: Sequence[int] | None = None,
     ) -> None:
         if not 0 < renew_every_s < lease_s:
             raise InvalidArgument(
@@ -99,9 +109,18 @@ class ClockdDevices:
             raise InvalidArgument(
                 f"lease_s {lease_s} exceeds the daemon's maximum {hello['max_lease_s']} s"
             )
-        self._clocks_mhz = {
+        served = {
             int(g["index"]): tuple(int(c) for c in g["supported_clocks_mhz"]) for g in hello["gpus"]
         }
+        wanted = tuple(served) if gpus is None else tuple(dict.fromkeys(gpus))
+        missing = [gpu for gpu in wanted if gpu not in served]
+        if missing or not wanted:
+            self._conn.close()
+            raise InvalidArgument(
+                f"the clock daemon at {socket_path} serves GPUs {sorted(served)}; "
+                f"asked for {list(wanted)}"
+            )
+        self._clocks_mhz = {gpu: served[gpu] for gpu in wanted}
         self._held: set[int] = set()
         self._held_mutex = threading.Lock()
         self._on_lease_lost: Callable[[Sequence[int]], None] = lambda gpus: None
@@ -211,7 +230,8 @@ class ClockdClient(GuardedClockDriver):
     """The `ClockDriver` the controller uses when clocks go through `throttllem clockd`."""
 
     def __init__(self, devices: ClockdDevices) -> None:
-        super().__init__(devices, name="clockd")
+        gpus = ",".join(str(g) for g in devices.gpu_indices())
+        super().__init__(devices, name=f"clockd GPUs {gpus}")
         devices.on_lease_lost(self.forget)
 
     @classmethod
@@ -222,13 +242,16 @@ class ClockdClient(GuardedClockDriver):
         lease_s: float = DEFAULT_LEASE_S,
         renew_every_s: float | None = None,
         timeout_s: float = 5.0,
+        gpus: Sequence[int] | None = None,
     ) -> ClockdClient:
-        """Connect and read the daemon's GPUs. The lease is taken by the first write and
-        renewed every `renew_every_s` (default: a quarter of the lease)."""
+        """Connect and read the daemon's GPUs: `gpus` (NVML indices the daemon serves; an
+        unknown one is InvalidArgument), default all of them. The lease is taken by the first
+        write and renewed every `renew_every_s` (default: a quarter of the lease)."""
         devices = ClockdDevices(
             socket_path,
             lease_s=lease_s,
             renew_every_s=lease_s / 4 if renew_every_s is None else renew_every_s,
             timeout_s=timeout_s,
+            gpus=gpus,
         )
         return cls(devices)

@@ -118,6 +118,14 @@ class GuardedClockDriver:
             self._check_index(gpu)
         return self._write(gpus, None)
 
+    def enter_observe_only(self, reason: str) -> None:
+        """Write nothing from now on (reads go on; writes return REFUSED and are counted), e.g.
+        when another client of the clock daemon holds these GPUs. Locks already sent are still
+        reset on close."""
+        with self._mutex:
+            if self._observe_only_reason is None:
+                self._observe_only_reason = reason
+
     def forget(self, gpus: Sequence[int]) -> None:
         """Mark the GPUs' locks unknown, so the next write goes through (someone else, e.g. the
         clock daemon on a lapsed lease, may have changed them)."""

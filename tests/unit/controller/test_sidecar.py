@@ -10,6 +10,7 @@ engine clock, then calling `sidecar.step()`: nothing sleeps.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -28,7 +29,7 @@ from throttllem.backend.twin.time_source import VirtualTime
 from throttllem.controller import sidecar as sidecar_module
 from throttllem.controller.events import Arrived, Event, InFlight, Slo
 from throttllem.controller.gpu.driver import ClockDriver
-from throttllem.controller.gpu.errors import GpuLost
+from throttllem.controller.gpu.errors import GpuLost, LeaseConflict
 from throttllem.controller.gpu.twin_driver import TwinDriver
 from throttllem.controller.perf_model import FEATURES, PerformanceModel
 from throttllem.controller.sidecar import Sidecar, SidecarConfig
@@ -444,3 +445,33 @@ def test_a_failed_clock_write_ends_the_controller_with_every_gpu_reset(harness: 
     assert harness.resets("a:1") == 2  # GPU 0 reset, GPU 1 tried
     assert harness.locks("b:2") == [None, None]
     assert harness.sidecar.instances == {}
+
+
+def test_a_lease_conflict_observes_that_instance_only(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another client of the clock daemon holds b's GPUs: b is observed only (still decided and
+    exported, never written), with one warning; a is controlled; the controller goes on."""
+    caplog.set_level(logging.WARNING)
+    harness.register("a:1")
+    harness.register("b:2")
+    for gpu in harness.gpus["b:2"]:
+        gpu.fail_set = LeaseConflict(f"GPU {gpu.index} is leased by another client")
+    harness.sidecar.step()
+    assert all(lock is not None for lock in harness.locks("a:1"))
+    assert harness.locks("b:2") == [None, None]
+    driver = harness.drivers["b:2"]
+    assert not driver.can_actuate()
+    assert harness.drivers["a:1"].can_actuate()
+    decided = harness.decisions("b:2")
+    sets = [g.sets for g in harness.gpus["b:2"]]
+    for request_id in (1, 2, 3):
+        harness.links["b:2"].deliver([arrived(request_id, 0.0)])
+        harness.tick("b:2", 1.0)
+    assert harness.decisions("b:2") > decided  # still decided
+    assert [g.sets for g in harness.gpus["b:2"]] == sets  # never written again
+    warnings = [r for r in caplog.records if "observing this instance only" in r.getMessage()]
+    assert len(warnings) == 1 and "inst@b:2" in warnings[0].getMessage()
+    harness.sidecar.close()
+    assert harness.resets("b:2") == 0  # nothing was locked there: nothing to reset
+    assert harness.locks("a:1") == [None, None]

@@ -166,6 +166,35 @@ def test_a_gpu_leased_by_one_client_is_refused_to_another(
     assert gpus[0].locked_clocks_mhz() == (900, 900)
 
 
+def test_clients_scoped_to_their_gpus_do_not_conflict(sock_path: Path) -> None:
+    """One client per engine instance, each for its own GPUs (what the controller opens with
+    --driver clockd): both lock at once, and each close resets only its own GPUs."""
+    gpus = twin_gpus(4)
+    driver = TwinDriver(gpus)
+    with running(ClockDaemon(driver, sock_path)) as daemon:
+        first = ClockdClient.connect(daemon.socket_path, gpus=[0, 1])
+        second = ClockdClient.connect(daemon.socket_path, gpus=[3, 2])
+        assert first.gpu_indices() == (0, 1) and second.gpu_indices() == (3, 2)
+        assert first.set_locked_clocks(first.gpu_indices(), 900, 900) is WriteOutcome.APPLIED
+        assert second.set_locked_clocks(second.gpu_indices(), 705, 705) is WriteOutcome.APPLIED
+        assert [g.locked_clocks_mhz() for g in gpus] == [(900, 900)] * 2 + [(705, 705)] * 2
+        with pytest.raises(InvalidArgument, match="no GPU 2"):
+            first.set_locked_clocks([2], 900, 900)  # not its GPU: refused before any request
+        first.close()
+        assert [g.locked_clocks_mhz() for g in gpus] == [None, None] + [(705, 705)] * 2
+        second.close()
+        assert all(g.locked_clocks_mhz() is None for g in gpus)
+    driver.close()
+
+
+@pytest.mark.parametrize("wanted", [[1, 7], []])
+def test_a_client_for_gpus_the_daemon_does_not_serve_is_refused(
+    daemon: ClockDaemon, wanted: list[int]
+) -> None:
+    with pytest.raises(InvalidArgument, match=r"serves GPUs \[0, 1\]"):
+        ClockdClient.connect(daemon.socket_path, gpus=wanted)
+
+
 def test_bad_requests_get_error_replies(daemon: ClockDaemon) -> None:
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(daemon.socket_path))

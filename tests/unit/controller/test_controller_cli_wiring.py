@@ -1,0 +1,68 @@
+"""How `throttllem controller` wires its settings into the sidecar (cli_controller.build_sidecar):
+the clock daemon's client per instance, the watched models."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from throttllem.backend.twin.gpu import TwinGpu
+from throttllem.backend.twin.hardware import default_catalog
+from throttllem.backend.twin.time_source import VirtualTime
+from throttllem.controller.cli_controller import DEFAULTS, build_sidecar
+from throttllem.controller.gpu.clockd import ClockDaemon
+from throttllem.controller.gpu.driver import WriteOutcome
+from throttllem.controller.gpu.twin_driver import TwinDriver
+
+
+@pytest.fixture
+def daemon_gpus() -> Iterator[tuple[Path, list[TwinGpu]]]:
+    """A clock daemon over four twin GPUs on a short socket path."""
+    spec = default_catalog().gpu("A100-SXM4-40GB")
+    gpus = [TwinGpu(spec, VirtualTime(), index=i, clock_change_latency_ms=0.0) for i in range(4)]
+    folder = Path(tempfile.mkdtemp(prefix="clockd-", dir="/tmp"))
+    driver = TwinDriver(gpus)
+    daemon = ClockDaemon(driver, folder / "c.sock")
+    ready = threading.Event()
+    thread = threading.Thread(target=daemon.serve_forever, args=(ready.set,))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield daemon.socket_path, gpus
+    finally:
+        daemon.stop()
+        thread.join(10)
+        driver.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def link(endpoint: str, gpus: list[int]) -> Any:
+    return SimpleNamespace(endpoint=endpoint, info=SimpleNamespace(gpu_indices=gpus))
+
+
+def test_clockd_driver_of_each_instance_holds_only_its_gpus(
+    daemon_gpus: tuple[Path, list[TwinGpu]],
+) -> None:
+    """Two instances (GPUs 0-1 and 2-3) under one daemon: each driver locks its own GPUs; with
+    a client over every GPU the second instance's first write was a LeaseConflict."""
+    socket_path, gpus = daemon_gpus
+    sidecar = build_sidecar({**DEFAULTS, "driver": "clockd", "clockd_socket": str(socket_path)})
+    first = sidecar._drivers(link("a:1", [0, 1]))
+    second = sidecar._drivers(link("b:2", [2, 3]))
+    try:
+        assert first.gpu_indices() == (0, 1) and second.gpu_indices() == (2, 3)
+        for driver, mhz in ((first, 900), (second, 705)):
+            outcome = driver.set_locked_clocks(driver.gpu_indices(), mhz, mhz)
+            assert outcome is WriteOutcome.APPLIED
+        assert [g.locked_clocks_mhz() for g in gpus] == [(900, 900)] * 2 + [(705, 705)] * 2
+    finally:
+        first.close()
+        second.close()
+    assert all(g.locked_clocks_mhz() is None for g in gpus)
