@@ -192,11 +192,14 @@ def synthetic(
     return Workload(f"synthetic:{kind}", requests)
 
 
-def daily_swing(workload: Workload, low_rps: float, high_rps: float, duration_s: float) -> Workload:
+def daily_swing(
+    workload: Workload, low_rps: float, high_rps: float, duration_s: float, skip: int = 0
+) -> Workload:
     """The workload's requests, in order, re-timed so that the arrival rate follows one compressed
     day: `low_rps` at the start and end, `high_rps` at the middle (a raised cosine). Each request
     keeps its place in the trace's own arrival process (its cumulative count), so the trace's
-    burstiness survives the warp. Errors when the trace has too few requests for the swing."""
+    burstiness survives the warp. `skip` requests of the trace are passed over first (another
+    day from the same trace). Errors when the trace has too few requests for the swing."""
     if not (0 < low_rps <= high_rps):
         raise ValueError(f"swing rates must satisfy 0 < low <= high, got {low_rps}, {high_rps}")
     if not duration_s > 0:
@@ -208,7 +211,7 @@ def daily_swing(workload: Workload, low_rps: float, high_rps: float, duration_s:
         grid - duration_s / (2 * math.pi) * np.sin(2 * math.pi * grid / duration_s)
     )
     needed = int(expected[-1])
-    reqs = workload.requests
+    reqs = workload.requests[skip:]
     if len(reqs) < needed or workload.rate_per_s <= 0:
         raise ValueError(
             f"{workload.name}: {len(reqs)} requests, the swing needs {needed} "

@@ -135,12 +135,11 @@ class InstanceScaler:
         self._next_s = now_s + self.config.period_s
         demand = demand_rps(rate_rps, queued, self.config)
         self._readings.append((now_s, demand))
+        # Along a rise, judge by where demand is heading, both ways: up early enough to cover
+        # the cold start, and never down while it is still climbing.
         ahead = demand + max(0.0, self.trend()) * self.config.lookahead_s
-        want = smallest_fitting(self.sizes, demand, self.config.margin)
-        want_ahead = smallest_fitting(self.sizes, ahead, self.config.margin)
+        want = smallest_fitting(self.sizes, ahead, self.config.margin)
         old = self.sizes[self.current].name
-        if want_ahead > self.current:
-            want = want_ahead
         if want > self.current:
             self._enough_since = None
             self.current = want

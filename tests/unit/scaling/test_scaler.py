@@ -89,3 +89,14 @@ def test_flat_demand_does_not_look_ahead() -> None:
     for k in range(5):
         assert s.update(10.0 * k, 0.7) is None
     assert s.trend() == 0.0
+
+
+def test_no_move_down_while_demand_is_still_rising() -> None:
+    """Demand fits tp1 now, but it keeps climbing: stay on tp2 whatever the grace."""
+    rising = InstanceScaler(SIZES, ScalerConfig(period_s=10, grace_s=25), start="tp2")
+    for k, rate in enumerate((0.5, 0.6, 0.7, 0.8, 0.85, 0.88)):
+        assert rising.update(10.0 * k, rate) is None  # tp1 carries 0.9: not for long
+    assert rising.current_size.name == "tp2"
+    flat = InstanceScaler(SIZES, ScalerConfig(period_s=10, grace_s=25), start="tp2")
+    decisions = [flat.update(10.0 * k, 0.5) for k in range(4)]
+    assert decisions[-1] is not None and decisions[-1].to_size == "tp1"
