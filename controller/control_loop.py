@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from .clock_policy import ClockGovernor, GovernorConfig, Margin, choose_clock
 from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
 from .gpu.driver import ClockDriver, WriteOutcome
@@ -46,6 +48,12 @@ class DriverActuator:
         self.driver.reset_locked_clocks(self.driver.gpu_indices())
 
 
+# clock_policy reports 1 / max(first_iteration_s, 1e-9) for the first projected iteration, which
+# reads ~1e9 when it evaluated no iteration at all (every request in flight left out as lost).
+# No engine iterates 1e8 times a second.
+_UNEVALUATED_IPS = 1e8
+
+
 @dataclass
 class ControllerConfig:
     decision_period_s: float = 0.1
@@ -64,7 +72,9 @@ class Decision:
     reason: str
     min_slack_s: float
     tightest_request: str | None
-    predicted_ips: float
+    # The model's IPS for the next iteration at the chosen clock; None while nothing is in
+    # flight (no iteration to predict: an idle engine runs none).
+    predicted_ips: float | None
     lost_requests: int
     running: int
     queued: int
@@ -135,6 +145,21 @@ class InstanceController:
         applied = self.governor.apply(now_s, choice)
         if applied is not None:
             self.actuator.set_clock_mhz(applied)
+        running = len(inputs.deadlines.running_ids)
+        queued = len(inputs.deadlines.queued_ids)
+        predicted_ips: float | None = None
+        if running + queued and proj.horizon:
+            predicted_ips = choice.predicted_ips
+            if not 0.0 < predicted_ips < _UNEVALUATED_IPS:
+                # The policy evaluated nothing: ask the table for the next iteration itself.
+                index = int(np.searchsorted(self.table.clocks_mhz, choice.clock_mhz))
+                seconds = self.table.seconds(
+                    min(index, len(self.table.clocks_mhz) - 1),
+                    proj.batch[:1],
+                    proj.kv_blocks[:1],
+                    proj.ctx_tokens[:1],
+                )
+                predicted_ips = 1.0 / float(seconds[0]) if seconds[0] > 0 else None
         decision = Decision(
             time_s=now_s,
             chosen_mhz=choice.clock_mhz,
@@ -142,10 +167,10 @@ class InstanceController:
             reason=choice.reason,
             min_slack_s=choice.min_slack_s,
             tightest_request=choice.tightest_request,
-            predicted_ips=choice.predicted_ips,
+            predicted_ips=predicted_ips,
             lost_requests=len(choice.lost_requests),
-            running=len(inputs.deadlines.running_ids),
-            queued=len(inputs.deadlines.queued_ids),
+            running=running,
+            queued=queued,
             trigger=trigger,
         )
         self.decisions.append(decision)

@@ -30,7 +30,8 @@ class ControllerMetrics:
         )
         self.predicted_ips = Gauge(
             "throttllem_predicted_ips",
-            "Predicted iterations per second at the chosen clock",
+            "Predicted iterations per second at the chosen clock (while nothing is in flight "
+            "it keeps its last value, as throttllem_observed_ips does)",
             lab,
             registry=r,
         )
@@ -131,7 +132,8 @@ class ControllerMetrics:
 
     def record(self, instance: str, decision: Decision, wall_s: float) -> None:
         self.clock_mhz.labels(instance).set(decision.chosen_mhz)
-        self.predicted_ips.labels(instance).set(decision.predicted_ips)
+        if decision.predicted_ips is not None:  # None: nothing in flight, nothing to predict
+            self.predicted_ips.labels(instance).set(decision.predicted_ips)
         if decision.min_slack_s != float("inf"):
             self.min_slack.labels(instance).set(decision.min_slack_s)
         self.in_flight.labels(instance).set(decision.running)

@@ -27,7 +27,16 @@ from throttllem.backend.twin.gpu import TwinGpu
 from throttllem.backend.twin.hardware import GpuSpec, default_catalog
 from throttllem.backend.twin.time_source import VirtualTime
 from throttllem.controller import sidecar as sidecar_module
-from throttllem.controller.events import Arrived, Event, InFlight, Slo
+from throttllem.controller.events import (
+    Arrived,
+    Event,
+    Finish,
+    Finished,
+    FirstToken,
+    InFlight,
+    Iteration,
+    Slo,
+)
 from throttllem.controller.gpu.driver import ClockDriver
 from throttllem.controller.gpu.errors import GpuLost, LeaseConflict
 from throttllem.controller.gpu.twin_driver import TwinDriver
@@ -475,3 +484,34 @@ def test_a_lease_conflict_observes_that_instance_only(
     harness.sidecar.close()
     assert harness.resets("b:2") == 0  # nothing was locked there: nothing to reset
     assert harness.locks("a:1") == [None, None]
+
+
+# ---- (d) metrics -------------------------------------------------------------------------------
+
+
+def sample(harness: Harness, name: str, endpoint: str, **labels: str) -> float | None:
+    value = harness.sidecar.metrics.registry.get_sample_value(
+        name, {"instance": f"inst@{endpoint}", **labels}
+    )
+    return None if value is None else float(value)
+
+
+def iteration(t_s: float, batch: int, latency_s: float = 0.02, kv: int = 100) -> Iteration:
+    return Iteration(1, t_s, latency_s, batch, 0, 0, batch, 0, kv, 2000, 64)
+
+
+def test_predicted_ips_is_not_exported_while_nothing_is_in_flight(harness: Harness) -> None:
+    """Idle (before any traffic and after the last request): no prediction, the gauge keeps
+    its last value; never the policy's 1 / 1e-9 for "no iteration"."""
+    link = harness.register("a:1")
+    harness.sidecar.step()
+    assert sample(harness, "throttllem_predicted_ips", "a:1") is None  # idle from the start
+    link.deliver([arrived(1, 0.0), FirstToken(1, 0.05), iteration(0.05, 1)])
+    harness.tick("a:1", 0.2)
+    busy = sample(harness, "throttllem_predicted_ips", "a:1")
+    assert busy is not None and 1.0 < busy < 1000.0
+    link.deliver([Finished(1, link.clock.t_s, 20, Finish.END_ID)])
+    for _ in range(3):
+        harness.tick("a:1", 0.2)
+    assert harness.sidecar.instances["a:1"].controller.decisions[-1].running == 0  # type: ignore[union-attr]
+    assert sample(harness, "throttllem_predicted_ips", "a:1") == busy

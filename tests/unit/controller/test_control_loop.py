@@ -1,0 +1,61 @@
+"""InstanceController: the predicted IPS a decision reports, and the finished requests it hands
+on (drained by the sidecar)."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from throttllem.controller.control_loop import InstanceController
+from throttllem.controller.events import Arrived, Finish, Finished, FirstToken, Slo
+from throttllem.controller.ips_table import IpsTable
+from throttllem.controller.length_predictor import LengthPredictor
+from throttllem.controller.perf_model import FEATURES
+from throttllem.controller.projection import Admission, EngineLimits
+from throttllem.controller.scoreboard import Scoreboard
+
+CLOCK = FEATURES.index("sm_clock_mhz")
+
+
+class ClockOnlyModel:
+    """IPS = clock / 10: 100 IPS at 1000 MHz, whatever the work."""
+
+    def predict_ips(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.asarray(features[:, CLOCK] / 10.0, dtype=np.float64)
+
+
+class NoActuator:
+    def set_clock_mhz(self, mhz: int) -> None:
+        pass
+
+
+def controller() -> InstanceController:
+    table = IpsTable(
+        ClockOnlyModel(), [500, 1000], tp=1, max_batch=8, kv_capacity_blocks=100, kv_points=8
+    )
+    board = Scoreboard(LengthPredictor(), Slo(ttft_s=1.0, tbt_s=0.2, e2e_s=30.0), 64)
+    limits = EngineLimits(8, 100, 64, Admission.GUARANTEED_NO_EVICT)
+    return InstanceController(board, table, limits, NoActuator())
+
+
+def test_no_predicted_ips_while_nothing_is_in_flight() -> None:
+    c = controller()
+    assert c.decide(0.0).predicted_ips is None
+    c.observe(Arrived(1, 0.0, 100, 50))
+    c.observe(FirstToken(1, 0.1))
+    busy = c.decide(0.1)
+    assert busy.running == 1
+    assert busy.predicted_ips == pytest.approx(busy.chosen_mhz / 10.0)
+    c.observe(Finished(1, 0.5, 50, Finish.END_ID))
+    assert c.decide(0.5).predicted_ips is None
+
+
+def test_predicted_ips_when_every_request_in_flight_is_lost() -> None:
+    """A request hopeless even at maximum clock is left out of the choice, so the policy
+    evaluates no iteration; the prediction still comes from the table, not 1 / 1e-9."""
+    c = controller()
+    c.observe(Arrived(1, 0.0, 100, 50, slo=Slo(e2e_s=0.001)))
+    d = c.decide(5.0)
+    assert d.lost_requests == 1 and d.queued == 1
+    assert d.predicted_ips == pytest.approx(d.chosen_mhz / 10.0)
