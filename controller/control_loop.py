@@ -97,7 +97,9 @@ class InstanceController:
         self.config = config or ControllerConfig()
         self.governor = ClockGovernor(self.config.governor)
         self.decisions: deque[Decision] = deque(maxlen=self.config.keep_decisions)
-        self.outcomes: list[SloOutcome] = []
+        # Finished requests not yet taken by take_outcomes(); bounded for callers that never
+        # take them (the oldest are dropped).
+        self.outcomes: deque[SloOutcome] = deque(maxlen=self.config.keep_decisions)
         self.last_iteration: Iteration | None = None
         self._due: str | None = "start"
         self._last_decision_s = float("-inf")
@@ -116,6 +118,12 @@ class InstanceController:
             if outcome is not None:
                 self.outcomes.append(outcome)
             self._due = "finish"
+
+    def take_outcomes(self) -> list[SloOutcome]:
+        """The requests finished since the last call, oldest first; forgets them."""
+        taken = list(self.outcomes)
+        self.outcomes.clear()
+        return taken
 
     def rebuild(self, snapshot: list[InFlight]) -> None:
         self.scoreboard.rebuild(snapshot)

@@ -97,6 +97,10 @@ class Sidecar:
         driver = self._drivers(link)
         model = self._models(link)
         controller = None
+        slo = self.config.default_slo
+        if info.HasField("default_slo"):
+            slo = slo.overridden_by(slo_from_pb(info.default_slo))
+        self.metrics.set_slo_targets(info.instance_name, slo.ttft_s, slo.tbt_s, slo.e2e_s)
         if model is not None:
             clocks = list(driver.supported_clocks_mhz(driver.gpu_indices()[0]))
             limits = EngineLimits(
@@ -116,9 +120,6 @@ class Sidecar:
                 tokens_per_block=info.kv_tokens_per_block,
                 idle_power_w=self._idle_power_w(info.engine_kind, info.gpu_name),
             )
-            slo = self.config.default_slo
-            if info.HasField("default_slo"):
-                slo = slo.overridden_by(slo_from_pb(info.default_slo))
             board = Scoreboard(LengthPredictor(), slo, info.kv_tokens_per_block)
             controller = InstanceController(
                 board, table, limits, DriverActuator(driver), self.config.controller
@@ -164,6 +165,7 @@ class Sidecar:
 
     def _detach(self, endpoint: str) -> None:
         inst = self.instances.pop(endpoint)
+        self._queued.pop(endpoint, None)
         try:
             inst.link.close()
         except Exception as e:  # the GPUs must be reset whatever the link does
@@ -199,6 +201,11 @@ class Sidecar:
                     self.meter.record_arrival(self.config.model_name)
                 elif isinstance(ev, Iteration):
                     self._queued[delivery.endpoint] = ev.queued_requests
+        for inst in self.instances.values():
+            if inst.controller is not None:  # drained every step: the list must not grow
+                name = inst.link.info.instance_name
+                for o in inst.controller.take_outcomes():
+                    self.metrics.record_request(name, o.ttft_s, o.mean_tbt_s, o.e2e_s)
         if self.meter is not None:
             live = sum(n for e, n in self._queued.items() if e in self.instances)
             self.meter.set_queued(self.config.model_name, live)

@@ -59,3 +59,15 @@ def test_predicted_ips_when_every_request_in_flight_is_lost() -> None:
     d = c.decide(5.0)
     assert d.lost_requests == 1 and d.queued == 1
     assert d.predicted_ips == pytest.approx(d.chosen_mhz / 10.0)
+
+
+def test_take_outcomes_hands_each_finished_request_over_once() -> None:
+    c = controller()
+    for rid in (1, 2):
+        c.observe(Arrived(rid, 0.0, 100, 50))
+        c.observe(FirstToken(rid, 0.1))
+        c.observe(Finished(rid, 1.1, 11, Finish.END_ID))
+    taken = c.take_outcomes()
+    assert [o.request_id for o in taken] == [1, 2]
+    assert taken[0].mean_tbt_s == pytest.approx(0.1) and taken[0].e2e_s == pytest.approx(1.1)
+    assert c.take_outcomes() == [] and len(c.outcomes) == 0

@@ -515,3 +515,30 @@ def test_predicted_ips_is_not_exported_while_nothing_is_in_flight(harness: Harne
         harness.tick("a:1", 0.2)
     assert harness.sidecar.instances["a:1"].controller.decisions[-1].running == 0  # type: ignore[union-attr]
     assert sample(harness, "throttllem_predicted_ips", "a:1") == busy
+
+
+def test_finished_requests_feed_the_histograms_and_do_not_accumulate(harness: Harness) -> None:
+    link = harness.register("a:1")
+    assert sample(harness, "throttllem_slo_target_seconds", "a:1", kind="ttft") == 1.0
+    assert sample(harness, "throttllem_slo_target_seconds", "a:1", kind="tbt") == 0.2
+    assert sample(harness, "throttllem_slo_target_seconds", "a:1", kind="e2e") == 30.0
+    controller = harness.sidecar.instances["a:1"].controller
+    assert controller is not None
+    for batch in range(3):
+        events: list[Event] = []
+        for k in range(10):
+            rid = 10 * batch + k
+            t = 10.0 * batch + 0.01 * k
+            events += [
+                arrived(rid, t),
+                FirstToken(rid, t + 0.1),
+                Finished(rid, t + 2.0, 21, Finish.END_ID),
+            ]
+        link.deliver(events)
+        harness.tick("a:1", 10.0)
+        assert len(controller.outcomes) == 0  # taken every step
+    assert sample(harness, "throttllem_ttft_seconds_count", "a:1") == 30
+    assert sample(harness, "throttllem_tbt_seconds_count", "a:1") == 30
+    assert sample(harness, "throttllem_e2e_seconds_count", "a:1") == 30
+    assert sample(harness, "throttllem_e2e_seconds_sum", "a:1") == pytest.approx(60.0)
+    assert sample(harness, "throttllem_tbt_seconds_sum", "a:1") == pytest.approx(30 * 1.9 / 20)
