@@ -48,7 +48,8 @@ class RouterModel:
             sender = request.get_response_sender()
             target = self._table.target()
             if target is None:
-                _fail(sender, "router: no target model yet (routing file missing or empty)")
+                _fail(sender, f"router: request '{request.request_id()}': no target model yet "
+                      "(routing file missing or empty)")  # fmt: skip
                 continue
             self._pool.submit(self._relay, request, sender, target)
         return None
@@ -61,12 +62,13 @@ class RouterModel:
                 if retry is not None and retry != target:
                     forwarded = self._forward(request, sender, retry)
             if forwarded is None:
-                _fail(sender, f"router: model '{target}' is unavailable")
+                _fail(sender, f"router: request '{request.request_id()}': model {target} is "
+                      "unavailable")  # fmt: skip
                 return
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as e:  # one final response whatever happens
             logger.exception("relaying a request to %s", target)
-            _fail(sender, f"router: {e}")
+            _fail(sender, f"router: request '{request.request_id()}': {e}")
 
     def _forward(self, request: Any, sender: Any, target: str) -> int | None:
         """Relay the responses of `target`; the count relayed, or None when the target refused

@@ -1,0 +1,314 @@
+"""Soak (`make soak`; skipped by the default suite): 30 minutes of simulated time.
+
+`throttllem serve` on the twin (sped up) with instance scaling between two sizes, the
+controller as its own process (clocks + scaler), and a real Prometheus scraping both. The Azure
+conv trace (or synthetic conversation traffic without ../shared), re-timed to a compressed
+day that crosses the smaller size's capacity, is replayed open loop. Meanwhile the test kills
+and restarts the controller twice and kills one backend instance once.
+
+Afterwards: every request has exactly one final response and none hangs; while the controller
+was down the GPUs were at default clocks; memory of every process stays flat (peak RSS at start
+and end reported, and checked); Prometheus' request counters agree with the clients' counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import yaml
+
+from throttllem.backend.telemetry.discovery import discover
+from throttllem.controller.evaluation.workload import Workload, daily_swing, read_trace, synthetic
+from throttllem.controller.triton_launcher import free_port
+from throttllem.v1 import telemetry_pb2 as pb
+from throttllem.v1 import telemetry_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from test_prometheus_scrape import Prometheus, deadline_poll, stop
+
+pytestmark = pytest.mark.soak
+
+TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
+SPEEDUP = 6.0
+SIM_S = 1800.0  # simulated time
+WALL_S = SIM_S / SPEEDUP
+# Wall-clock capacities given to the scaler; the day swings between 2 and 11 requests/s (wall).
+CAPACITY = {"tp1": 7.0, "tp2": 16.0}
+LOW_RPS, HIGH_RPS = 2.0, 11.0
+MAX_TOKENS = 256
+LLM = "tensorrt_llm"
+
+
+@dataclass
+class Procs:
+    work: Path
+    registry: Path
+    routing: Path
+    grpc_url: str
+    triton_metrics: int
+    controller_metrics: int
+    serve: subprocess.Popen[Any]
+    controller: subprocess.Popen[Any] | None = None
+    controller_log: list[Path] = field(default_factory=list)
+
+
+def rss_kb(pid: int) -> tuple[int, int]:
+    """(current, peak) resident set of a process, kB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
+
+
+def stack_pids(procs: Procs) -> dict[str, int]:
+    out = subprocess.check_output(["ps", "-eo", "pid,args"], text=True)
+    pids = {"serve": procs.serve.pid}
+    if procs.controller is not None:
+        pids["controller"] = procs.controller.pid
+    for line in out.splitlines():
+        pid_s, _, args = line.strip().partition(" ")
+        if str(procs.work) in args and "tritonserver --model-repository" in args:
+            pids["tritonserver"] = int(pid_s)
+        elif "triton_python_backend_stub" in args and str(procs.work) in args:
+            name = args.split()[-2]  # the instance name
+            pids[f"stub {name}"] = int(pid_s)
+    return pids
+
+
+def workload() -> Workload:
+    if (TRACE / "AzureLLMInferenceTrace_conv.csv").is_file():
+        source = read_trace(TRACE / "AzureLLMInferenceTrace_conv.csv")
+    else:
+        source = synthetic("conv", HIGH_RPS, WALL_S, seed=0)
+    return daily_swing(source, LOW_RPS, HIGH_RPS, WALL_S).clipped(8192, max_output=MAX_TOKENS)
+
+
+def start_controller(procs: Procs) -> None:
+    log = procs.work / f"controller-{len(procs.controller_log)}.log"
+    procs.controller_log.append(log)
+    sizes = ",".join(f"{k}={v}" for k, v in CAPACITY.items())
+    cmd = [
+        sys.executable, "-m", "throttllem.controller.cli", "controller",
+        "--registry-dir", str(procs.registry), "--perf-model", "oracle",
+        "--metrics-port", str(procs.controller_metrics),
+        "--watch-models", f"{LLM}_tp1,{LLM}_tp2",
+        "--scaling-sizes", sizes, "--triton-url", procs.grpc_url,
+        "--routing-file", str(procs.routing), "--scale-period", "3", "--scale-grace", "15",
+    ]  # fmt: skip
+    with log.open("w") as f:
+        procs.controller = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def gpus_locked(procs: Procs) -> list[bool]:
+    locked = []
+    for entry in discover(procs.registry):
+        with grpc.insecure_channel(entry.endpoint) as channel:
+            state = pb_grpc.GpuControlStub(channel).GetGpuState(pb.GetGpuStateRequest(), timeout=5)
+            locked += [g.locked for g in state.gpus]
+    return locked
+
+
+@contextlib.contextmanager
+def stack(tmp: Path) -> Iterator[Procs]:
+    work = tmp / "work"
+    http, grpc_port, metrics, controller = (free_port() for _ in range(4))
+    cmd = [
+        sys.executable, "-m", "throttllem.controller.cli", "serve", "--engine", "twin",
+        "--speedup", str(SPEEDUP), "--work-dir", str(work), "--http-port", str(http),
+        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), "--no-controller",
+        "--scaling-tp", "1,2", "--scaling-capacity",
+        ",".join(f"{k}={v}" for k, v in CAPACITY.items()), "--instances", "2",
+    ]  # fmt: skip
+    serve_log = (tmp / "serve.log").open("w")
+    serve = subprocess.Popen(cmd, stdout=serve_log, stderr=subprocess.STDOUT)
+    procs = Procs(work, work / "registry", work / "routing.json", f"127.0.0.1:{grpc_port}",
+                  metrics, controller, serve)  # fmt: skip
+    try:
+        deadline_poll("serve ready", 240, lambda: "ready." in (tmp / "serve.log").read_text()
+                      or serve.poll() is not None)  # fmt: skip
+        assert serve.poll() is None, (tmp / "serve.log").read_text()
+        start_controller(procs)
+        yield procs
+    finally:
+        if procs.controller is not None:
+            stop(procs.controller)
+        stop(serve, timeout_s=90)
+        serve_log.close()
+
+
+@contextlib.contextmanager
+def prometheus(tmp: Path, procs: Procs) -> Iterator[Prometheus]:
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not found: `make ops-tools` installs Debian's prometheus package")
+    folder = tmp / "prometheus"
+    folder.mkdir()
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [
+            {"job_name": "triton", "static_configs": [
+                {"targets": [f"127.0.0.1:{procs.triton_metrics}"]}]},
+            {"job_name": "throttllem-controller", "honor_labels": True, "static_configs": [
+                {"targets": [f"127.0.0.1:{procs.controller_metrics}"]}]},
+        ],
+    }  # fmt: skip
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (folder / "log").open("w")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={folder / 'prometheus.yml'}",
+         f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+    )  # fmt: skip
+    server = Prometheus(f"http://127.0.0.1:{port}")
+    try:
+        deadline_poll("prometheus ready", 60, lambda: _ok(server))
+        yield server
+    finally:
+        stop(proc, timeout_s=30)
+        log.close()
+
+
+def _ok(server: Prometheus) -> bool:
+    try:
+        return server.get("/api/v1/status/buildinfo")["status"] == "success"
+    except OSError:
+        return False
+
+
+class Clients:
+    """Open-loop replay over 8 gRPC streams; each request non-streaming (one response + final)."""
+
+    def __init__(self, url: str, streams: int = 8) -> None:
+        self.finals: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self.tokens: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.clients = []
+        for _ in range(streams):
+            c = grpcclient.InferenceServerClient(url)
+            c.start_stream(callback=self._on_response)
+            self.clients.append(c)
+
+    def _on_response(self, result: Any, error: Any) -> None:
+        with self._lock:
+            if error is not None:
+                rid = error.message().split("'")[1] if "'" in str(error) else "?"
+                self.errors[rid] = str(error)
+                self.finals[rid] = self.finals.get(rid, 0) + 1
+                return
+            response = result.get_response()
+            rid = response.id
+            ids = result.as_numpy("output_ids")
+            if ids is not None:
+                self.tokens[rid] = self.tokens.get(rid, 0) + int((ids >= 0).sum())
+            if response.parameters["triton_final_response"].bool_param:
+                self.finals[rid] = self.finals.get(rid, 0) + 1
+
+    def send(self, k: int, prompt: int, output: int) -> None:
+        rid = f"r{k}"
+        inputs = []
+        for name, value in (
+            ("input_ids", np.ones((1, prompt), np.int32)),
+            ("input_lengths", np.array([[prompt]], np.int32)),
+            ("request_output_len", np.array([[output]], np.int32)),
+            ("streaming", np.array([[False]])),
+        ):
+            t = grpcclient.InferInput(name, list(value.shape), "BOOL" if value.dtype == bool
+                                      else "INT32")  # fmt: skip
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+        self.sent[rid] = output
+        self.clients[k % len(self.clients)].async_stream_infer(
+            LLM, inputs, request_id=rid, enable_empty_final_response=True
+        )
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.stop_stream()
+            c.close()
+
+
+def test_soak(tmp_path: Path) -> None:
+    work = workload()
+    with stack(tmp_path) as procs, prometheus(tmp_path, procs) as prom:
+        deadline_poll("controller attached", 120, lambda: "controlling" in
+                      procs.controller_log[-1].read_text())  # fmt: skip
+        memory_start = {name: rss_kb(pid) for name, pid in stack_pids(procs).items()}
+        clients = Clients(procs.grpc_url)
+        events: list[str] = []
+        unlocked_while_down: list[bool] = []
+        chaos = {0.2: "controller", 0.35: "instance", 0.55: "controller"}
+        t0 = time.monotonic()
+        try:
+            for k, r in enumerate(work.requests):
+                delay = t0 + r.arrival_s - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # open-loop pacing of the load, not synchronisation
+                clients.send(k, max(1, min(r.prompt_tokens, 4096)), r.output_tokens)
+                due = [f for f in chaos if r.arrival_s >= f * WALL_S]
+                for f in due:
+                    what = chaos.pop(f)
+                    events.append(f"{r.arrival_s:.0f}s: kill {what}")
+                    if what == "controller":
+                        assert procs.controller is not None
+                        procs.controller.send_signal(signal.SIGKILL)
+                        procs.controller.wait()
+                        # Down: the GPUs' clock leases expire and they return to default.
+                        deadline_poll("GPUs at default clocks with the controller down", 10,
+                                      lambda: not any(gpus_locked(procs)))  # fmt: skip
+                        unlocked_while_down.append(True)
+                        start_controller(procs)
+                    else:
+                        stubs = [e for e in discover(procs.registry) if e.model_name != LLM]
+                        os.kill(stubs[0].pid, signal.SIGKILL)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and len(clients.finals) < len(clients.sent):
+                time.sleep(0.5)
+        finally:
+            clients.close()
+        memory_end = {name: rss_kb(pid) for name, pid in stack_pids(procs).items()}
+        routed = prom.query(f'sum(nv_inference_request_success{{model="{LLM}"}})')
+        failed = prom.query(f'sum(nv_inference_request_failure{{model="{LLM}"}})')
+        controller_text = "".join(p.read_text() for p in procs.controller_log)
+
+    sent, finals = clients.sent, clients.finals
+    hung = sorted(set(sent) - set(finals))
+    doubled = sorted(rid for rid, n in finals.items() if n != 1)
+    short = sum(1 for rid, n in sent.items() if clients.tokens.get(rid, 0) < n)
+    print(f"\nsoak: {len(sent)} requests over {WALL_S:.0f} s wall ({SIM_S:.0f} s simulated); "
+          f"errors {len(clients.errors)}, cut short {short}; events {events}")  # fmt: skip
+    for name in sorted(set(memory_start) & set(memory_end)):
+        (s_rss, s_peak), (e_rss, e_peak) = memory_start[name], memory_end[name]
+        print(f"  {name:32s} RSS {s_rss / 1024:7.1f} -> {e_rss / 1024:7.1f} MiB, "
+              f"peak {s_peak / 1024:7.1f} -> {e_peak / 1024:7.1f} MiB")  # fmt: skip
+    assert not hung, f"{len(hung)} requests never got a final response: {hung[:5]}"
+    assert not doubled, f"requests with more than one final response: {doubled[:5]}"
+    assert len(unlocked_while_down) == 2
+    assert "reloading" in controller_text  # the killed instance was brought back
+    # Flat memory: processes alive from start to end grow by less than 25% (+64 MiB slack).
+    for name in set(memory_start) & set(memory_end):
+        assert memory_end[name][0] <= memory_start[name][0] * 1.25 + 64 * 1024, name
+    ok = len(sent) - len(clients.errors)
+    assert routed and int(float(routed[0]["value"][1])) == ok
+    failures = int(float(failed[0]["value"][1])) if failed else 0
+    assert failures == len(clients.errors)
