@@ -68,6 +68,14 @@ class ControllerMetrics:
             lab,
             registry=r,
         )
+        self.energy_saving = Gauge(
+            "throttllem_energy_saving_ratio",
+            "Estimated share of GPU energy saved since the controller started against running "
+            "the same iterations at maximum clock: 1 - E / E_max, -1..1 (needs a power model "
+            "and the GPUs' idle power; see max_clock_estimate.py)",
+            lab,
+            registry=r,
+        )
         self.length_error = Gauge(
             "throttllem_length_prediction_mape",
             "Mean absolute % error of output lengths predicted at arrival",

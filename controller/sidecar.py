@@ -27,6 +27,7 @@ from .gpu.errors import LeaseConflict
 from .gpu.guarded import GuardedClockDriver
 from .ips_table import IpsTable
 from .length_predictor import LengthPredictor
+from .max_clock_estimate import MaxClockEnergyEstimate
 from .metrics import ControllerMetrics
 from .perf_model import PerformanceModel
 from .projection import Admission, EngineLimits
@@ -62,6 +63,9 @@ class ManagedInstance:
     energy_start_mj: int
     tokens: int = 0
     reset_for_silence: bool = False
+    # Energy at maximum clock for the saving ratio; None: not estimated (no power model, or
+    # no idle power to weigh the span with).
+    estimate: MaxClockEnergyEstimate | None = None
 
 
 class Sidecar:
@@ -97,6 +101,7 @@ class Sidecar:
         driver = self._drivers(link)
         model = self._models(link)
         controller = None
+        table: IpsTable | None = None
         slo = self.config.default_slo
         if info.HasField("default_slo"):
             slo = slo.overridden_by(slo_from_pb(info.default_slo))
@@ -131,7 +136,20 @@ class Sidecar:
         gc.collect()
         gc.freeze()
         total = sum(driver.total_energy_mj(g) for g in driver.gpu_indices())
-        self.instances[endpoint] = ManagedInstance(link, driver, controller, total)
+        estimate = None
+        if table is not None and table.has_power:
+            if table.idle_power_w > 0:
+                gpus = len(driver.gpu_indices())
+                estimate = MaxClockEnergyEstimate(table, gpus, link.clock.now_s())
+            else:
+                log.info(
+                    "%s: no idle power for its GPUs (--gpu-idle-power-w): the energy saving "
+                    "against maximum clock is not estimated",
+                    info.instance_name,
+                )
+        self.instances[endpoint] = ManagedInstance(
+            link, driver, controller, total, estimate=estimate
+        )
         log.info(
             "controlling %s (%s, %s TP%d) at %s",
             info.instance_name,
@@ -201,6 +219,11 @@ class Sidecar:
                     self.meter.record_arrival(self.config.model_name)
                 elif isinstance(ev, Iteration):
                     self._queued[delivery.endpoint] = ev.queued_requests
+                    if inst.estimate is not None:
+                        scheduled = ev.context_requests + ev.generation_requests
+                        inst.estimate.add_iteration(
+                            scheduled or ev.active_requests, ev.kv_used_blocks, ev.ctx_tokens
+                        )
         for inst in self.instances.values():
             if inst.controller is not None:  # drained every step: the list must not grow
                 name = inst.link.info.instance_name
@@ -259,9 +282,12 @@ class Sidecar:
                 self.metrics.observed_ips.labels(name).set(1.0 / last.latency_s)
             try:
                 total = sum(inst.driver.total_energy_mj(g) for g in inst.driver.gpu_indices())
-                self.metrics.record_energy(
-                    name, (total - inst.energy_start_mj) / 1000.0, inst.tokens
-                )
+                energy_j = (total - inst.energy_start_mj) / 1000.0
+                self.metrics.record_energy(name, energy_j, inst.tokens)
+                if inst.estimate is not None:
+                    ratio = inst.estimate.saving_ratio(energy_j, inst.link.clock.now_s())
+                    if ratio is not None:
+                        self.metrics.energy_saving.labels(name).set(ratio)
             except Exception as e:
                 log.debug("%s: energy reading failed: %s", name, e)
 

@@ -63,6 +63,18 @@ class AnalyticModel:
         return np.asarray(1000.0 / ms, dtype=np.float64)
 
 
+class PowerAnalyticModel(AnalyticModel):
+    """The same, with power per GPU rising with the clock and the batch."""
+
+    def has_power(self) -> bool:
+        return True
+
+    def predict_power_w(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        f = features[:, COL["sm_clock_mhz"]]
+        b = features[:, COL["batch_size"]]
+        return np.asarray(60.0 + 0.15 * f + 1.0 * b, dtype=np.float64)
+
+
 class CountingTwinGpu(TwinGpu):
     """A twin GPU that counts the lock and reset calls reaching it; `fail_set` makes its lock
     calls fail (e.g. NVML's "GPU is lost")."""
@@ -145,7 +157,13 @@ class Harness:
     """A Sidecar over fake links and real twin drivers, one per registered instance."""
 
     def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, *, with_model: bool = True, tp: int = 2
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        with_model: bool = True,
+        tp: int = 2,
+        power: bool = False,
+        idle_power_w: float | None = None,
     ) -> None:
         self.spec = default_catalog().gpu("A100-SXM4-40GB")
         self.gpu_time = VirtualTime()
@@ -155,6 +173,7 @@ class Harness:
         self.gpus: dict[str, list[CountingTwinGpu]] = {}
         self.drivers: dict[str, TwinDriver] = {}
         self._with_model = with_model
+        self._power = power
 
         def fake_discover(registry_dir: object, model_name: str) -> list[InstanceEndpoint]:
             return [e for e in self.registry if e.model_name == model_name]
@@ -167,11 +186,15 @@ class Harness:
         monkeypatch.setattr(sidecar_module, "discover", fake_discover)
         monkeypatch.setattr(sidecar_module, "InstanceLink", fake_link)
         self.sidecar = Sidecar(
-            SidecarConfig(telemetry_timeout_s=TIMEOUT_S), self._model, self._driver
+            SidecarConfig(telemetry_timeout_s=TIMEOUT_S, idle_power_w=idle_power_w),
+            self._model,
+            self._driver,
         )
 
     def _model(self, link: object) -> PerformanceModel | None:
-        return AnalyticModel() if self._with_model else None
+        if not self._with_model:
+            return None
+        return PowerAnalyticModel() if self._power else AnalyticModel()
 
     def _driver(self, link: object) -> ClockDriver:
         endpoint = link.endpoint  # type: ignore[attr-defined]
@@ -542,3 +565,42 @@ def test_finished_requests_feed_the_histograms_and_do_not_accumulate(harness: Ha
     assert sample(harness, "throttllem_e2e_seconds_count", "a:1") == 30
     assert sample(harness, "throttllem_e2e_seconds_sum", "a:1") == pytest.approx(60.0)
     assert sample(harness, "throttllem_tbt_seconds_sum", "a:1") == pytest.approx(30 * 1.9 / 20)
+
+
+def test_energy_saving_ratio_against_maximum_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 - E / E_max, E measured by the GPUs since attaching, E_max from the table: idle power
+    over the span plus every observed iteration's energy above idle at maximum clock."""
+    h = Harness(monkeypatch, power=True)
+    link = h.register("a:1")
+    inst = h.sidecar.instances["a:1"]
+    assert inst.controller is not None and inst.estimate is not None
+    table = inst.controller.table
+    assert table.idle_power_w == h.spec.idle_power_w > 0  # the twin preset's, per GPU
+    start_mj = sum(g.total_energy_mj() for g in h.gpus["a:1"])
+    iterations = [iteration(0.02 * (i + 1), batch=4, kv=300) for i in range(200)]
+    link.deliver(iterations)
+    h.gpu_time.advance_to(10.0)
+    h.tick("a:1", 10.0)
+    measured_j = (sum(g.total_energy_mj() for g in h.gpus["a:1"]) - start_mj) / 1000.0
+    e_max = (
+        table.idle_power_w * 2 * 10.0 + 200 * float(table.energy_per_iteration_j(4, 300)[-1]) * 2
+    )
+    ratio = sample(h, "throttllem_energy_saving_ratio", "a:1")
+    assert ratio == pytest.approx(1.0 - measured_j / e_max, abs=1e-6)
+    assert -1.0 <= ratio <= 1.0  # type: ignore[operator]
+    h.sidecar.close()
+
+
+@pytest.mark.parametrize(("power", "idle_w"), [(False, None), (True, 0.0)])
+def test_no_energy_saving_ratio_without_power_or_idle_power(
+    monkeypatch: pytest.MonkeyPatch, power: bool, idle_w: float | None
+) -> None:
+    h = Harness(monkeypatch, power=power, idle_power_w=idle_w)
+    link = h.register("a:1")
+    link.deliver([iteration(0.02, batch=4)])
+    h.gpu_time.advance_to(5.0)
+    h.tick("a:1", 5.0)
+    assert h.sidecar.instances["a:1"].estimate is None
+    assert sample(h, "throttllem_energy_saving_ratio", "a:1") is None
+    assert sample(h, "throttllem_energy_joules", "a:1") is not None
+    h.sidecar.close()
