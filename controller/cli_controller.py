@@ -17,6 +17,11 @@ from .events import Slo
 
 SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may hold
     "model_name": (str, "Triton model whose instances to control (default tensorrt_llm)"),
+    "watch_models": (
+        str,
+        "more Triton models whose instances to control, comma-separated, their arrivals "
+        "counted under model_name (instance scaling: the sized variants behind the router)",
+    ),
     "registry_dir": (
         str,
         "discovery registry folder (default: $THROTTLLEM_REGISTRY_DIR or "
@@ -45,6 +50,7 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
 }
 DEFAULTS: dict[str, Any] = {
     "model_name": "tensorrt_llm",
+    "watch_models": None,
     "registry_dir": None,
     "metrics_port": 9400,
     "metrics_host": "127.0.0.1",
@@ -182,6 +188,7 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
     )
     config = SidecarConfig(
         model_name=settings["model_name"],
+        watch_models=watch_models(settings),
         registry_dir=Path(settings["registry_dir"]) if settings["registry_dir"] else None,
         default_slo=slo,
         telemetry_timeout_s=settings["telemetry_timeout_s"],
@@ -189,6 +196,12 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
     )
     meter = ArrivalRateMeter(models=[settings["model_name"]])
     return Sidecar(config, models, drivers, meter=meter)
+
+
+def watch_models(settings: dict[str, Any]) -> tuple[str, ...]:
+    """The watch_models setting ("a,b", or None) as names, blanks dropped."""
+    text = settings.get("watch_models") or ""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -207,6 +220,7 @@ def _controller(args: argparse.Namespace) -> int:
     stop_signals.install(stop)
     print(
         f"throttllem controller: watching model '{settings['model_name']}'"
+        + "".join(f", '{name}'" for name in watch_models(settings))
         + (
             f", metrics on {settings['metrics_host']}:{settings['metrics_port']}"
             if settings["metrics_port"]

@@ -15,7 +15,8 @@ t_max_i being the model's duration of iteration i at maximum clock (b_i, kv_i, p
 maximum. An iteration that prefills prompt tokens takes longer: its time comes from the table's
 prompt-token axis, at the decoding power (the power model has no prompt axis), which makes
 E_max, and the saving, a little low. Iterations the controller did not see (telemetry gaps)
-are missing from E_max too: the estimate errs towards saving less, never more.
+are missing from E_max too. Both biases lean towards reporting less saving; the performance
+and power models' own errors go either way.
 
 Pure: time is given, energy is measured by the caller. The saving is 1 - E / E_max, E being the
 energy the GPUs measured over the same span.

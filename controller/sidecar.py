@@ -43,7 +43,12 @@ DriverSource = Callable[[InstanceLink], ClockDriver]
 
 @dataclass
 class SidecarConfig:
+    # The model whose instances are controlled, and the name arrivals are counted under (the
+    # meter, the scalers). With instance scaling it is the router model, which has no engine.
     model_name: str = "tensorrt_llm"
+    # More models whose instances are controlled the same way, their arrivals counted under
+    # model_name: the sized variants behind the router (tensorrt_llm_tp1, tensorrt_llm_tp2...).
+    watch_models: tuple[str, ...] = ()
     registry_dir: Path | None = None
     default_slo: Slo = field(default_factory=Slo)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
@@ -171,12 +176,17 @@ class Sidecar:
         except Exception:
             return 0.0
 
+    def watched_models(self) -> tuple[str, ...]:
+        """model_name and every name in watch_models, once each."""
+        return tuple(dict.fromkeys((self.config.model_name, *self.config.watch_models)))
+
     def discover(self) -> None:
         seen = set()
-        for entry in discover(self.config.registry_dir, self.config.model_name):
-            seen.add(entry.endpoint)
-            if entry.endpoint not in self.instances:
-                self._attach(entry.endpoint)
+        for model in self.watched_models():
+            for entry in discover(self.config.registry_dir, model):
+                seen.add(entry.endpoint)
+                if entry.endpoint not in self.instances:
+                    self._attach(entry.endpoint)
         for endpoint in list(self.instances):
             if endpoint not in seen and not self.instances[endpoint].link.connected:
                 self._detach(endpoint)
@@ -192,6 +202,15 @@ class Sidecar:
             inst.driver.close()
         except Exception as e:
             log.info("closing the driver of %s: %s", endpoint, e)
+        # Closing reset this instance's GPUs. Another instance on any of them (a variant loaded
+        # beside it on the same GPUs) must write its clock again, not skip it as unchanged.
+        gone = set(inst.driver.gpu_indices())
+        for other in self.instances.values():
+            shared = sorted(gone.intersection(other.driver.gpu_indices()))
+            if shared and isinstance(other.driver, GuardedClockDriver):
+                other.driver.forget(shared)
+                if other.controller is not None:
+                    other.controller.governor.forget()
 
     # ---- the loop -----------------------------------------------------------------------------
 

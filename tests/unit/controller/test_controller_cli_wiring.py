@@ -66,3 +66,20 @@ def test_clockd_driver_of_each_instance_holds_only_its_gpus(
         first.close()
         second.close()
     assert all(g.locked_clocks_mhz() is None for g in gpus)
+
+
+def test_watch_models_setting_reaches_the_sidecar(tmp_path: Path) -> None:
+    from throttllem.controller.cli import build_parser
+    from throttllem.controller.cli_controller import resolve_settings
+
+    flags = ["controller", "--watch-models", "tensorrt_llm_tp1, tensorrt_llm_tp2,"]
+    sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
+    assert sidecar.config.watch_models == ("tensorrt_llm_tp1", "tensorrt_llm_tp2")
+    assert sidecar.watched_models() == ("tensorrt_llm", "tensorrt_llm_tp1", "tensorrt_llm_tp2")
+    assert sidecar.meter.models() == ["tensorrt_llm"]  # arrivals counted under the router
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name: router\nwatch_models: v1\n")
+    settings = resolve_settings(build_parser().parse_args(["controller", "--config", str(cfg)]))
+    assert build_sidecar(settings).watched_models() == ("router", "v1")
+    assert build_sidecar(DEFAULTS).config.watch_models == ()

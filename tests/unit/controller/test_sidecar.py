@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,7 @@ from throttllem.controller.gpu.driver import ClockDriver
 from throttllem.controller.gpu.errors import GpuLost, LeaseConflict
 from throttllem.controller.gpu.twin_driver import TwinDriver
 from throttllem.controller.perf_model import FEATURES, PerformanceModel
+from throttllem.controller.scaling.rate_meter import ArrivalRateMeter
 from throttllem.controller.sidecar import Sidecar, SidecarConfig
 from throttllem.controller.telemetry_client import Delivery
 from throttllem.v1 import telemetry_pb2 as pb
@@ -164,6 +165,9 @@ class Harness:
         tp: int = 2,
         power: bool = False,
         idle_power_w: float | None = None,
+        watch_models: tuple[str, ...] = (),
+        meter: ArrivalRateMeter | None = None,
+        share_gpus: bool = False,
     ) -> None:
         self.spec = default_catalog().gpu("A100-SXM4-40GB")
         self.gpu_time = VirtualTime()
@@ -174,6 +178,9 @@ class Harness:
         self.drivers: dict[str, TwinDriver] = {}
         self._with_model = with_model
         self._power = power
+        self._shared: list[CountingTwinGpu] | None = None
+        if share_gpus:  # every instance on the same GPUs
+            self._shared = [CountingTwinGpu(self.spec, self.gpu_time, i) for i in range(tp)]
 
         def fake_discover(registry_dir: object, model_name: str) -> list[InstanceEndpoint]:
             return [e for e in self.registry if e.model_name == model_name]
@@ -186,9 +193,14 @@ class Harness:
         monkeypatch.setattr(sidecar_module, "discover", fake_discover)
         monkeypatch.setattr(sidecar_module, "InstanceLink", fake_link)
         self.sidecar = Sidecar(
-            SidecarConfig(telemetry_timeout_s=TIMEOUT_S, idle_power_w=idle_power_w),
+            SidecarConfig(
+                telemetry_timeout_s=TIMEOUT_S,
+                idle_power_w=idle_power_w,
+                watch_models=watch_models,
+            ),
             self._model,
             self._driver,
+            meter=meter,
         )
 
     def _model(self, link: object) -> PerformanceModel | None:
@@ -199,16 +211,18 @@ class Harness:
     def _driver(self, link: object) -> ClockDriver:
         endpoint = link.endpoint  # type: ignore[attr-defined]
         base = 10 * len(self.gpus)  # distinct NVML indices per instance
-        gpus = [CountingTwinGpu(self.spec, self.gpu_time, base + i) for i in range(self.tp)]
+        gpus = self._shared or [
+            CountingTwinGpu(self.spec, self.gpu_time, base + i) for i in range(self.tp)
+        ]
         self.gpus[endpoint] = gpus
         self.drivers[endpoint] = TwinDriver(gpus)
         return self.drivers[endpoint]
 
-    def register(self, endpoint: str) -> FakeLink:
+    def register(self, endpoint: str, model: str = "tensorrt_llm") -> FakeLink:
         self.registry.append(
             InstanceEndpoint(
                 "throttllem.v1",
-                "tensorrt_llm",
+                model,
                 "1",
                 f"inst@{endpoint}",
                 endpoint,
@@ -220,6 +234,11 @@ class Harness:
         )
         self.sidecar.discover()
         return self.links[endpoint]
+
+    def unregister(self, endpoint: str) -> None:
+        """The instance went away (variant unloaded): registry entry gone, stream closed."""
+        self.registry[:] = [e for e in self.registry if e.endpoint != endpoint]
+        self.links[endpoint].connected = False
 
     def locks(self, endpoint: str) -> list[tuple[int, int] | None]:
         return [g.locked_clocks_mhz() for g in self.gpus[endpoint]]
@@ -603,4 +622,56 @@ def test_no_energy_saving_ratio_without_power_or_idle_power(
     assert h.sidecar.instances["a:1"].estimate is None
     assert sample(h, "throttllem_energy_saving_ratio", "a:1") is None
     assert sample(h, "throttllem_energy_joules", "a:1") is not None
+    h.sidecar.close()
+
+
+# ---- (e) instance scaling: sized variants behind a router --------------------------------------
+
+
+def test_watched_variants_are_controlled_and_counted_under_the_router(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    meter = ArrivalRateMeter(10.0, clock=lambda: now[0], models=["tensorrt_llm"])
+    h = Harness(
+        monkeypatch, watch_models=("tensorrt_llm_tp1", "tensorrt_llm_tp2"), meter=meter, tp=1
+    )
+    h.register("r:0")  # instances of model_name itself are controlled too
+    tp1 = h.register("v1:1", "tensorrt_llm_tp1")
+    tp2 = h.register("v2:2", "tensorrt_llm_tp2")
+    h.registry.append(replace(h.registry[-1], model_name="other_model", endpoint="x:9"))
+    h.sidecar.discover()  # another model's instance: not watched
+    assert set(h.sidecar.instances) == {"r:0", "v1:1", "v2:2"}
+    tp1.deliver([arrived(1, 0.0), arrived(2, 0.0)])
+    tp2.deliver([arrived(3, 0.0)])
+    h.sidecar.step()
+    assert meter.models() == ["tensorrt_llm"]  # every arrival under the router's name
+    now[0] = 105.0
+    assert meter.request_rate_rps("tensorrt_llm") == pytest.approx(3 / 5.0)
+    assert all(lock is not None for lock in h.locks("v1:1") + h.locks("v2:2"))
+
+    h.unregister("v1:1")  # the scaler unloaded the TP1 variant
+    h.sidecar.discover()
+    assert set(h.sidecar.instances) == {"r:0", "v2:2"}
+    assert h.links["v1:1"].closed
+    assert h.locks("v1:1") == [None] and h.resets("v1:1") == 1  # back to default clocks
+    assert h.locks("v2:2") != [None] and h.resets("v2:2") == 0
+    h.sidecar.close()
+
+
+def test_an_instance_left_on_a_detached_instances_gpus_locks_them_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two instances on the same GPUs (a variant loaded beside the one it replaces): closing
+    the one that went away resets the GPUs, so the other writes its clock again."""
+    h = Harness(monkeypatch, share_gpus=True)
+    h.register("a:1")
+    h.register("b:2")
+    h.sidecar.step()
+    assert all(lock is not None for lock in h.locks("b:2"))
+    h.unregister("a:1")
+    h.sidecar.discover()
+    assert h.locks("b:2") == [None, None]  # a's close reset the shared GPUs
+    h.tick("b:2", 1.0)
+    assert all(lock is not None for lock in h.locks("b:2"))
     h.sidecar.close()
