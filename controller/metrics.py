@@ -177,5 +177,27 @@ class ControllerMetrics:
                 with contextlib.suppress(KeyError):
                     self.slo_target.remove(instance, kind)
 
+    def forget_instance(self, instance: str) -> None:
+        """Drop the instance's gauges (it went away: a stale value would read as current).
+        Counters and histograms stay: they only ever grow, and their rates fall to zero."""
+        gauges = (
+            self.clock_mhz,
+            self.predicted_ips,
+            self.observed_ips,
+            self.min_slack,
+            self.attainment,
+            self.in_flight,
+            self.queued,
+            self.energy,
+            self.tokens_per_joule,
+            self.energy_saving,
+            self.length_error,
+            self.length_under,
+        )
+        for gauge in gauges:
+            with contextlib.suppress(KeyError):
+                gauge.remove(instance)
+        self.set_slo_targets(instance, None, None, None)
+
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -194,6 +194,7 @@ class Sidecar:
     def _detach(self, endpoint: str) -> None:
         inst = self.instances.pop(endpoint)
         self._queued.pop(endpoint, None)
+        self.metrics.forget_instance(inst.link.info.instance_name)
         try:
             inst.link.close()
         except Exception as e:  # the GPUs must be reset whatever the link does

@@ -656,6 +656,10 @@ def test_watched_variants_are_controlled_and_counted_under_the_router(
     assert h.links["v1:1"].closed
     assert h.locks("v1:1") == [None] and h.resets("v1:1") == 1  # back to default clocks
     assert h.locks("v2:2") != [None] and h.resets("v2:2") == 0
+    # The variant's gauges go with it; the live one's stay.
+    assert sample(h, "throttllem_clock_mhz", "v1:1") is None
+    assert sample(h, "throttllem_slo_target_seconds", "v1:1", kind="tbt") is None
+    assert sample(h, "throttllem_clock_mhz", "v2:2") is not None
     h.sidecar.close()
 
 
