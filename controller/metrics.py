@@ -71,8 +71,8 @@ class ControllerMetrics:
         self.energy_saving = Gauge(
             "throttllem_energy_saving_ratio",
             "Estimated share of GPU energy saved since the controller started against running "
-            "the same iterations at maximum clock: 1 - E / E_max, -1..1 (needs a power model "
-            "and the GPUs' idle power; see max_clock_estimate.py)",
+            "the same iterations at maximum clock: 1 - E / E_max, -1..1, reads low (a lower "
+            "bound: max_clock_estimate.py); needs a power model and the GPUs' idle power",
             lab,
             registry=r,
         )
