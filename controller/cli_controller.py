@@ -47,6 +47,15 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
     ),
     "keda_port": (int, "serve KEDA's external scaler API on this port (default 0: off)"),
     "keda_host": (str, "address the KEDA scaler binds (default 127.0.0.1)"),
+    "scaling_sizes": (
+        str,
+        "instance scaling: tpN=REQ_PER_S,... the sizes and their capacities (docs/scaling.md)",
+    ),
+    "triton_url": (str, "instance scaling: Triton's gRPC address (default 127.0.0.1:8001)"),
+    "routing_file": (str, "instance scaling: the router's routing file"),
+    "scale_period": (float, "instance scaling: seconds between looks (default 10)"),
+    "scale_grace": (float, "instance scaling: seconds before moving down (default 60)"),
+    "scale_margin": (float, "instance scaling: capacity share kept spare (default 0.1)"),
 }
 DEFAULTS: dict[str, Any] = {
     "model_name": "tensorrt_llm",
@@ -65,6 +74,12 @@ DEFAULTS: dict[str, Any] = {
     "gpu_idle_power_w": None,
     "keda_port": 0,
     "keda_host": "127.0.0.1",
+    "scaling_sizes": None,
+    "triton_url": "127.0.0.1:8001",
+    "routing_file": None,
+    "scale_period": 10.0,
+    "scale_grace": 60.0,
+    "scale_margin": 0.1,
 }
 
 
@@ -216,6 +231,7 @@ def _controller(args: argparse.Namespace) -> int:
 
         keda, port = serve_keda(sidecar.meter, settings["keda_host"], settings["keda_port"])
         print(f"KEDA external scaler on {settings['keda_host']}:{port}", file=sys.stderr)
+    scaling = start_scaling(settings, sidecar)
     stop = threading.Event()
     stop_signals.install(stop)
     print(
@@ -232,6 +248,38 @@ def _controller(args: argparse.Namespace) -> int:
     try:
         sidecar.run(stop)  # resets every GPU it locked on the way out
     finally:
+        if scaling is not None:
+            scaling.stop()
         if keda is not None:
             keda.stop(1.0)
     return 0
+
+
+def start_scaling(settings: dict[str, Any], sidecar: Any) -> Any:
+    """The in-node scaler's loop (docs/scaling.md), when scaling sizes are set."""
+    if not settings["scaling_sizes"]:
+        return None
+    from .scaling.runtime import build_scaling_loop, parse_sizes
+    from .scaling.scaler import ScalerConfig
+
+    if not settings["routing_file"]:
+        raise UsageError("scaling_sizes needs routing_file (the router's routing file)")
+    if not settings["registry_dir"]:
+        raise UsageError("scaling_sizes needs registry_dir (to see each size's instances)")
+    try:
+        sizes = parse_sizes(settings["scaling_sizes"])
+        config = ScalerConfig(
+            settings["scale_period"], settings["scale_margin"], settings["scale_grace"]
+        )
+        loop = build_scaling_loop(
+            settings["triton_url"], sizes, model_name=settings["model_name"],
+            routing_file=Path(settings["routing_file"]),
+            registry_dir=Path(settings["registry_dir"]), meter=sidecar.meter,
+            registry=sidecar.metrics.registry, config=config,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(f"scaling: {e}") from e
+    loop.start()
+    print(f"throttllem controller: scaling between {', '.join(s.name for s in sizes)}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return loop

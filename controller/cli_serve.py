@@ -243,6 +243,13 @@ def run_serve(args: argparse.Namespace) -> int:
             clean = True
             return 0
         _print_ready(server, registry)
+        if plans and args.no_controller:
+            sizes = ",".join(f"{p.name}={p.capacity_rps:g}" for p in plans)
+            watch = ",".join(p.variant for p in plans)
+            print(f"throttllem serve: sizes load and unload only with the controller: "
+                  f"throttllem controller --registry-dir {registry} --watch-models {watch} "
+                  f"--scaling-sizes {sizes} --triton-url {server.grpc_url} "
+                  f"--routing-file {routing}", flush=True)  # fmt: skip
         if not args.no_controller:
             controller, sidecar = start_controller(
                 args, registry, stop, tuple(p.variant for p in plans)

@@ -40,7 +40,7 @@ from throttllem.v1 import telemetry_pb2_grpc as pb_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from test_prometheus_scrape import Prometheus, deadline_poll, stop
 
-pytestmark = pytest.mark.soak
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(1500)]
 
 TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
 SPEEDUP = 6.0
