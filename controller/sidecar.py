@@ -23,7 +23,7 @@ from throttllem.backend.telemetry.discovery import discover
 from .control_loop import ControllerConfig, DriverActuator, InstanceController
 from .events import Arrived, Finished, Iteration, Slo
 from .gpu.driver import ClockDriver
-from .gpu.errors import LeaseConflict
+from .gpu.errors import GpuLost, LeaseConflict
 from .gpu.guarded import GuardedClockDriver
 from .ips_table import IpsTable
 from .length_predictor import LengthPredictor
@@ -252,7 +252,7 @@ class Sidecar:
         if self.meter is not None:
             live = sum(n for e, n in self._queued.items() if e in self.instances)
             self.meter.set_queued(self.config.model_name, live)
-        for inst in self.instances.values():
+        for inst in list(self.instances.values()):  # a tick may detach its instance
             self._tick(inst, now_wall)
 
     def _tick(self, inst: ManagedInstance, now_wall: float) -> None:
@@ -289,6 +289,13 @@ class Sidecar:
                 e,
             )
             self._observe_only(inst, f"lease conflict: {e}")
+            return
+        except GpuLost as e:
+            # The instance's GPUs are gone (its process died, taking the twin's GPU control
+            # with it, or the board fell off the bus): so is its engine. Drop the instance,
+            # keep controlling the others; discovery brings it back if it returns.
+            log.error("%s: GPUs lost (%s): dropping this instance, the others carry on", name, e)
+            self._detach(inst.link.endpoint)
             return
         if decision is not None:
             self.metrics.record(name, decision, time.perf_counter() - started)
