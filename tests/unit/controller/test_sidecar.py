@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -38,7 +37,7 @@ from throttllem.controller.events import (
     Slo,
 )
 from throttllem.controller.gpu.driver import ClockDriver
-from throttllem.controller.gpu.errors import GpuLost, LeaseConflict
+from throttllem.controller.gpu.errors import LeaseConflict
 from throttllem.controller.gpu.twin_driver import TwinDriver
 from throttllem.controller.perf_model import FEATURES, PerformanceModel
 from throttllem.controller.scaling.rate_meter import ArrivalRateMeter
