@@ -91,7 +91,8 @@ def read_trace(path: str | Path) -> Workload:
     plain CSV (`arrival_s,prompt_tokens,output_tokens`), chosen by the file's first line."""
     path = Path(path)
     try:
-        first = path.open().readline().strip()
+        with path.open() as f:
+            first = f.readline().strip()
     except OSError as e:
         raise TraceError(f"{path}: cannot read ({e.strerror})") from e
     rows: list[tuple[float, int, int]] = []

@@ -119,7 +119,12 @@ def gpus_locked(procs: Procs) -> list[bool]:
     locked = []
     for entry in discover(procs.registry):
         with grpc.insecure_channel(entry.endpoint) as channel:
-            state = pb_grpc.GpuControlStub(channel).GetGpuState(pb.GetGpuStateRequest(), timeout=5)
+            try:
+                state = pb_grpc.GpuControlStub(channel).GetGpuState(
+                    pb.GetGpuStateRequest(), timeout=5
+                )
+            except grpc.RpcError:
+                continue  # an instance just killed (not yet reaped): no GPUs left to hold
             locked += [g.locked for g in state.gpus]
     return locked
 
@@ -202,6 +207,7 @@ class Clients:
         self.errors: dict[str, str] = {}
         self.tokens: dict[str, int] = {}
         self.sent: dict[str, int] = {}
+        self.sent_at: dict[str, float] = {}
         self._lock = threading.Lock()
         self.clients = []
         for _ in range(streams):
@@ -238,13 +244,14 @@ class Clients:
             t.set_data_from_numpy(value)
             inputs.append(t)
         self.sent[rid] = output
+        self.sent_at[rid] = time.monotonic()
         self.clients[k % len(self.clients)].async_stream_infer(
             LLM, inputs, request_id=rid, enable_empty_final_response=True
         )
 
     def close(self) -> None:
         for c in self.clients:
-            c.stop_stream()
+            c.stop_stream(cancel_requests=True)  # whatever is still open: never wait on it
             c.close()
 
 
@@ -301,7 +308,10 @@ def test_soak(tmp_path: Path) -> None:
         (s_rss, s_peak), (e_rss, e_peak) = memory_start[name], memory_end[name]
         print(f"  {name:32s} RSS {s_rss / 1024:7.1f} -> {e_rss / 1024:7.1f} MiB, "
               f"peak {s_peak / 1024:7.1f} -> {e_peak / 1024:7.1f} MiB")  # fmt: skip
-    assert not hung, f"{len(hung)} requests never got a final response: {hung[:5]}"
+    when = [round(clients.sent_at[r] - min(clients.sent_at.values())) for r in hung[:20]]
+    assert not hung, (
+        f"{len(hung)} requests never got a final response: {hung[:20]} sent at {when} s"
+    )
     assert not doubled, f"requests with more than one final response: {doubled[:5]}"
     assert len(unlocked_while_down) == 2
     assert "reloading" in controller_text  # the killed instance was brought back
