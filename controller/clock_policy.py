@@ -254,7 +254,11 @@ def choose_clock(
         reason = f"lowest clock meeting every SLO; tightest {best.tightest}"
         if energy_floor and table.has_power:
             # Below the energy-optimal clock a run lasts longer than it saves: never go there.
-            energy = table.energy_per_iteration_j(int(proj.batch[0]), int(proj.kv_blocks[0]))
+            # Time a faster clock saves is spent idle (idle power is paid anyway) unless
+            # requests wait: then it goes to them, and whole iteration energy is the cost.
+            energy = table.energy_per_iteration_j(
+                int(proj.batch[0]), int(proj.kv_blocks[0]), above_idle=not deadlines.queued_ids
+            )
             optimal = lo + int(np.argmin(energy[lo:]))
             if optimal > lo:
                 chosen = optimal

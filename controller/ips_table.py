@@ -113,14 +113,16 @@ class IpsTable:
     def has_power(self) -> bool:
         return self._power is not None
 
-    def energy_per_iteration_j(self, batch: int, kv: int) -> FloatArray:
-        """Energy one decoding iteration costs at every clock (clocks ascending), per GPU,
-        above what the GPU would draw idle over the same time; needs power."""
+    def energy_per_iteration_j(self, batch: int, kv: int, above_idle: bool = True) -> FloatArray:
+        """Energy one decoding iteration costs at every clock (clocks ascending), per GPU; with
+        `above_idle`, only what the GPU draws above idle over that time (the time saved by a
+        faster clock is then spent idle); needs power."""
         if self._power is None:
             raise ValueError("this performance model does not predict power")
         b = int(np.searchsorted(self.batch_grid, min(batch, self.max_batch)))
         k = int(self._kv_index(self.kv_grid, np.array([kv]))[0])
-        return (self._power[:, b, k] - self.idle_power_w) * self._gen[:, b, k]
+        idle = self.idle_power_w if above_idle else 0.0
+        return (self._power[:, b, k] - idle) * self._gen[:, b, k]
 
     def _kv_index(self, grid: IntArray, kv: IntArray) -> IntArray:
         return np.minimum(np.searchsorted(grid, kv, side="left"), len(grid) - 1)

@@ -102,6 +102,13 @@ class Sidecar:
         except Exception as e:
             log.warning("cannot attach to %s: %s", endpoint, e)
             return
+        try:
+            self._attach_link(endpoint, link)
+        except GpuLost as e:  # it died between its registration and now: nothing locked yet
+            log.warning("%s went away while attaching (%s): skipped", endpoint, e)
+            link.close()
+
+    def _attach_link(self, endpoint: str, link: InstanceLink) -> None:
         info = link.info
         driver = self._drivers(link)
         model = self._models(link)

@@ -14,6 +14,7 @@ and end reported, and checked); Prometheus' request counters agree with the clie
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -286,8 +287,10 @@ def test_soak(tmp_path: Path) -> None:
                         unlocked_while_down.append(True)
                         start_controller(procs)
                     else:
-                        stubs = [e for e in discover(procs.registry) if e.model_name != LLM]
-                        os.kill(stubs[0].pid, signal.SIGKILL)
+                        active = json.loads(procs.routing.read_text())["target"]
+                        stubs = discover(procs.registry, active)
+                        events.append(f"  ({stubs[-1].instance_name} of {active})")
+                        os.kill(stubs[-1].pid, signal.SIGKILL)
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and len(clients.finals) < len(clients.sent):
                 time.sleep(0.5)

@@ -225,3 +225,13 @@ def test_the_energy_floor_weighs_only_power_above_idle() -> None:
     for table, choice in ((whole, by_whole), (marginal, by_marginal)):
         energy = table.energy_per_iteration_j(16, 16 * 11)
         assert table.clocks_mhz[int(np.argmin(energy))] == choice.clock_mhz
+
+
+def test_with_requests_waiting_the_floor_weighs_whole_iteration_energy() -> None:
+    """Time a faster clock saves goes to waiting requests, not to idling: the floor then counts
+    the whole energy of an iteration and sits higher than with nobody waiting."""
+    marginal = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000,
+                        idle_power_w=60.0)  # fmt: skip
+    nobody = choose_clock(0.0, *_scenario(e2e_s=1e6), marginal, margin=EXACT)
+    waiting = choose_clock(0.0, *_scenario(e2e_s=1e6, queued=4, ttft_s=1e6), marginal, margin=EXACT)
+    assert waiting.clock_mhz > nobody.clock_mhz

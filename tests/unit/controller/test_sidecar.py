@@ -37,7 +37,7 @@ from throttllem.controller.events import (
     Slo,
 )
 from throttllem.controller.gpu.driver import ClockDriver
-from throttllem.controller.gpu.errors import LeaseConflict
+from throttllem.controller.gpu.errors import GpuLost, LeaseConflict
 from throttllem.controller.gpu.twin_driver import TwinDriver
 from throttllem.controller.perf_model import FEATURES, PerformanceModel
 from throttllem.controller.scaling.rate_meter import ArrivalRateMeter
@@ -681,3 +681,24 @@ def test_an_instance_left_on_a_detached_instances_gpus_locks_them_again(
     h.tick("b:2", 1.0)
     assert all(lock is not None for lock in h.locks("b:2"))
     h.sidecar.close()
+
+
+def test_an_instance_that_dies_while_being_attached_is_skipped(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its registry entry is still there but its GPU control answers no more (the soak's
+    backend kill): the controller skips it, closes its link and controls the rest."""
+    harness.register("a:1")
+    make_driver = harness._driver
+
+    def driver(link: object) -> ClockDriver:
+        if link.endpoint == "dead:9":  # type: ignore[attr-defined]
+            raise GpuLost("dead:9: get GPU state: connection refused")
+        return make_driver(link)
+
+    monkeypatch.setattr(harness.sidecar, "_drivers", driver)
+    harness.register("dead:9")  # attaches at once
+    harness.sidecar.step()
+    assert set(harness.sidecar.instances) == {"a:1"}
+    assert harness.links["dead:9"].closed
+    harness.sidecar.close()
