@@ -60,9 +60,13 @@ class ScalingLoop:
             self.on_decision(decision)
         try:
             self.switches.append(self.switcher.switch(self.variant_of(decision.to_size)))
-        except (SwitchError, Exception) as e:  # the old size keeps serving
+        except (SwitchError, Exception) as e:
+            # Whatever the switch got to, the scaler follows the size the router serves.
             log.error("switch %s -> %s failed: %s", decision.from_size, decision.to_size, e)
-            self.scaler.current = [s.name for s in self.scaler.sizes].index(decision.from_size)
+            serving = self.switcher.current
+            names = [s.name for s in self.scaler.sizes]
+            matches = [i for i, n in enumerate(names) if self.variant_of(n) == serving]
+            self.scaler.current = matches[0] if matches else names.index(decision.from_size)
         return decision
 
     def _repair(self) -> None:

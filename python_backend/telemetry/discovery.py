@@ -93,7 +93,18 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed stub stays a zombie until Triton reaps it (which can take long): dead all the
+    same. Linux only; elsewhere nothing is known and the process counts as alive."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 def _read(path: Path) -> InstanceEndpoint | None:

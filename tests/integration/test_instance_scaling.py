@@ -15,7 +15,11 @@ from throttllem.backend.triton_model.routing_file import write_routing_file
 from throttllem.controller.scaling.loop import ScalingLoop
 from throttllem.controller.scaling.rate_meter import ArrivalRateMeter
 from throttllem.controller.scaling.scaler import EngineSize, InstanceScaler, ScalerConfig
-from throttllem.controller.scaling.switcher import TritonSwitcher, telemetry_in_flight
+from throttllem.controller.scaling.switcher import (
+    TritonSwitcher,
+    live_instances,
+    telemetry_in_flight,
+)
 from throttllem.controller.triton_launcher import RepositorySpec, running_triton
 
 pytestmark = pytest.mark.integration
@@ -98,3 +102,35 @@ def test_load_ramp_moves_through_the_sizes_without_losing_a_request(tmp_path: Pa
         for s in streams:
             s.client.stop_stream()
             s.client.close()
+
+
+def test_data_parallel_replicas_change_in_place(tmp_path: Path) -> None:
+    """The load API with a config override turns one instance into two (each its own process
+    and telemetry endpoint) and back, while the model keeps answering."""
+    registry = tmp_path / "registry"
+    params = {**BASE_PARAMETERS, "telemetry_registry_dir": str(registry), "twin_speedup": "4"}
+    spec = RepositorySpec(parameters=params, models=(LLM,))
+    extra = ("--model-control-mode=explicit", f"--load-model={LLM}")
+    with running_triton(spec, work_dir=tmp_path / "triton", extra_args=extra) as server:
+        control = grpcclient.InferenceServerClient(server.grpc_url)
+        switcher = TritonSwitcher(control, tmp_path / "unused.json", lambda m: 0)
+        config = control.get_model_config(LLM, as_json=True)["config"]
+        live = live_instances(registry)
+        assert live(LLM) == 1
+        switcher.set_instances(LLM, 2, config)
+        deadline = time.monotonic() + 60
+        while live(LLM) != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling with a deadline
+        assert live(LLM) == 2 and switcher.expected_instances(LLM) == 2
+        stream = Stream(server.grpc_url)
+        stream.send("after", llm_inputs(8, TOKENS, streaming=True))
+        outcome = stream.collect("after")
+        assert outcome.finals == 1 and len(outcome.tokens) == TOKENS
+        switcher.set_instances(LLM, 1, config)
+        deadline = time.monotonic() + 60
+        while live(LLM) != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live(LLM) == 1
+        stream.client.stop_stream()
+        stream.client.close()
+        control.close()
