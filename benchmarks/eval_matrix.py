@@ -118,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=600.0, help="seconds of trace per run")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--quick", action="store_true", help="conv, 8B, loads .25/.75, seed 0")
+    parser.add_argument("--traces", default="conv,code", help="which traces: conv, code or both")
     args = parser.parse_args(argv)
     if not TRACES.is_dir():
         print(f"skipped: no traces at {TRACES} (../shared/data is absent)")
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
-    traces = ["AzureLLMInferenceTrace_conv.csv", "AzureLLMInferenceTrace_code.csv"]
+    kinds = [k.strip() for k in args.traces.split(",") if k.strip()]
+    traces = [f"AzureLLMInferenceTrace_{k}.csv" for k in kinds if k in ("conv", "code")]
     engines, loads = ENGINES, LOADS
     if args.quick:
         traces, engines, loads, seeds = traces[:1], ENGINES[:1], (0.25, 0.75), [0]
