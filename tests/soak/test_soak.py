@@ -226,9 +226,12 @@ class Clients:
     def _on_response(self, result: Any, error: Any) -> None:
         with self._lock:
             if error is not None:
-                rid = error.message().split("'")[1] if "'" in str(error) else "?"
-                self.errors[rid] = str(error)
-                self.finals[rid] = self.finals.get(rid, 0) + 1
+                # The router names the request in its errors: "request 'r12': ...".
+                text = str(error)
+                rid = text.split("request '", 1)[1].split("'", 1)[0] if "request '" in text else ""
+                self.errors[rid or f"?{len(self.errors)}"] = text
+                if rid in self.sent:
+                    self.finals[rid] = self.finals.get(rid, 0) + 1
                 return
             response = result.get_response()
             rid = response.id
@@ -318,16 +321,26 @@ def test_soak(tmp_path: Path) -> None:
         print(f"  {name:32s} RSS {s_rss / 1024:7.1f} -> {e_rss / 1024:7.1f} MiB, "
               f"peak {s_peak / 1024:7.1f} -> {e_peak / 1024:7.1f} MiB")  # fmt: skip
     when = [round(clients.sent_at[r] - min(clients.sent_at.values())) for r in hung[:20]]
-    assert not hung, (
-        f"{len(hung)} requests never got a final response: {hung[:20]} sent at {when} s"
-    )
-    assert not doubled, f"requests with more than one final response: {doubled[:5]}"
-    assert len(unlocked_while_down) == 2
-    assert "reloading" in controller_text  # the killed instance was brought back
+    ok = len(sent) - len(clients.errors)
+    prom_ok = int(float(routed[0]["value"][1])) if routed else -1
+    prom_failed = int(float(failed[0]["value"][1])) if failed else 0
+    print(f"  finals: {len(sent) - len(hung)} of {len(sent)}, hung {hung[:20]} (sent at {when} s),"
+          f" more than one final: {doubled[:5]}; Prometheus: {prom_ok} succeeded, {prom_failed}"
+          f" failed; clients: {ok} succeeded, {len(clients.errors)} failed")  # fmt: skip
+    problems = []
+    if hung:
+        problems.append(f"{len(hung)} requests never got a final response: {hung[:20]}")
+    if doubled:
+        problems.append(f"requests with more than one final response: {doubled[:5]}")
+    if len(unlocked_while_down) != 2:
+        problems.append("GPUs not at default clocks while the controller was down")
+    if "reloading" not in controller_text:
+        problems.append("the killed instance was not brought back")
     # Flat memory: processes alive from start to end grow by less than 25% (+64 MiB slack).
     for name in set(memory_start) & set(memory_end):
-        assert memory_end[name][0] <= memory_start[name][0] * 1.25 + 64 * 1024, name
-    ok = len(sent) - len(clients.errors)
-    assert routed and int(float(routed[0]["value"][1])) == ok
-    failures = int(float(failed[0]["value"][1])) if failed else 0
-    assert failures == len(clients.errors)
+        if memory_end[name][0] > memory_start[name][0] * 1.25 + 64 * 1024:
+            problems.append(f"{name}: memory grew {memory_start[name]} -> {memory_end[name]} kB")
+    if (prom_ok, prom_failed) != (ok - len(hung), len(clients.errors)):
+        problems.append(f"Prometheus {prom_ok}/{prom_failed} vs clients {ok - len(hung)}/"
+                        f"{len(clients.errors)} (succeeded/failed)")  # fmt: skip
+    assert not problems, "; ".join(problems)
