@@ -107,7 +107,7 @@ def scaling_spec(base: RepositorySpec, plans: list[SizePlan], routing_file: Path
     return RepositorySpec(
         parameters=base.parameters,
         instances=base.instances,
-        models=tuple(m for m in ("preprocessing", "postprocessing", "ensemble")),
+        models=("preprocessing", "postprocessing", "ensemble"),
         sized={p.variant: p.parameters for p in plans},
         routing_file=str(routing_file),
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .rate_meter import ArrivalRateMeter
 from .scaler import InstanceScaler, ScaleDecision
 from .scaler_metrics import ScalerMetrics
-from .switcher import SwitchError, SwitchReport, TritonSwitcher
+from .switcher import SwitchReport, TritonSwitcher
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ScalingLoop:
             self.on_decision(decision)
         try:
             self.switches.append(self.switcher.switch(self.variant_of(decision.to_size)))
-        except (SwitchError, Exception) as e:
+        except Exception as e:  # SwitchError, or Triton refusing a load
             # Whatever the switch got to, the scaler follows the size the router serves.
             log.error("switch %s -> %s failed: %s", decision.from_size, decision.to_size, e)
             serving = self.switcher.current
