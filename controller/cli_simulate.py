@@ -116,14 +116,7 @@ def _simulate(args: argparse.Namespace) -> int:
     except PolicyError as e:
         raise UsageError(f"--policy: {e}") from e
     setup = EngineSetup(gpu=gpu.name, model=model.name, tp=args.tp, seed=args.seed)
-    if args.trace.startswith("synthetic:"):
-        kind = args.trace.split(":", 1)[1]
-        if kind not in ("conv", "code"):
-            raise UsageError(
-                f"--trace {args.trace}: valid synthetic workloads: synthetic:conv, synthetic:code"
-            )
-    else:
-        kind = "code" if "code" in Path(args.trace).name.lower() else "conv"
+    kind = workload_kind(args.trace)
     print(
         f"finding the capacity of {model.name} TP{args.tp} on {gpu.name} ({kind} mix; cached)",
         file=sys.stderr,
@@ -150,8 +143,8 @@ def _simulate(args: argparse.Namespace) -> int:
     print(
         f"{len(workload.requests)} requests over {workload.duration_s:.0f} s "
         f"({workload.rate_per_s:.2f}/s = {args.load:.0%} of capacity "
-        f"{capacity.rate_per_s:.2f}/s); SLO: TBT {_ms(slo.tbt_s)}, E2E {_ms(slo.e2e_s)}, "
-        f"TTFT {_ms(slo.ttft_s)}",
+        f"{capacity.rate_per_s:.2f}/s); SLO: TBT {ms(slo.tbt_s)}, E2E {ms(slo.e2e_s)}, "
+        f"TTFT {ms(slo.ttft_s)}",
         file=sys.stderr,
     )
     with tqdm(total=len(policies), desc="policies", unit="policy", file=sys.stderr) as bar:
@@ -181,5 +174,17 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ms(seconds: float | None) -> str:
+def workload_kind(trace: str) -> str:
+    """`conv` or `code`: the length mix of --trace (its capacity search and synthetic lengths)."""
+    if trace.startswith("synthetic:"):
+        kind = trace.split(":", 1)[1]
+        if kind not in ("conv", "code"):
+            raise UsageError(
+                f"--trace {trace}: valid synthetic workloads: synthetic:conv, synthetic:code"
+            )
+        return kind
+    return "code" if "code" in Path(trace).name.lower() else "conv"
+
+
+def ms(seconds: float | None) -> str:
     return "none" if seconds is None else f"{seconds * 1000:.0f} ms"

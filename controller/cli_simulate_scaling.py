@@ -56,18 +56,18 @@ def simulate_scaling(args: argparse.Namespace) -> int:
 
     from throttllem.backend.twin.hardware import default_catalog
 
-    from .cli_simulate import JSON_KEYS, load_slo_file
+    from .cli_simulate import JSON_KEYS, load_slo_file, ms, workload_kind
     from .evaluation.capacity import paper_slo
-    from .evaluation.experiment import Comparison, PolicyError, write_outputs
+    from .evaluation.experiment import Comparison, write_outputs
     from .evaluation.report import format_table
     from .evaluation.scaling_experiment import (
         compare_scaling,
         engine_sizes,
         parse_scaling_policies,
-        parse_tp_list,
     )
     from .evaluation.simulator import EngineSetup
     from .evaluation.workload import TraceError, daily_swing, read_trace, synthetic
+    from .scaling.runtime import parse_tp_list
     from .scaling.scaler import ScalerConfig
 
     try:
@@ -76,7 +76,7 @@ def simulate_scaling(args: argparse.Namespace) -> int:
         if policy_spec == "max,throttllem":  # the non-scaling default: use the scaling set
             policy_spec = f"fixed:tp{tps[-1]},scaling-only,clocks-only:tp{tps[-1]},throttllem"
         policies = parse_scaling_policies(policy_spec, tps)
-    except PolicyError as e:
+    except ValueError as e:  # PolicyError included
         raise UsageError(f"--tp/--policy: {e}") from e
     catalog = default_catalog()
     for tp in tps:
@@ -97,15 +97,7 @@ def simulate_scaling(args: argparse.Namespace) -> int:
     setups = {
         f"tp{tp}": EngineSetup(gpu=gpu.name, model=model.name, tp=tp, seed=args.seed) for tp in tps
     }
-    kind = "conv"
-    if args.trace.startswith("synthetic:"):
-        kind = args.trace.split(":", 1)[1]
-        if kind not in ("conv", "code"):
-            raise UsageError(
-                f"--trace {args.trace}: valid synthetic workloads: synthetic:conv, synthetic:code"
-            )
-    elif "code" in Path(args.trace).name.lower():
-        kind = "code"
+    kind = workload_kind(args.trace)
     print(f"finding the capacity of each size ({kind} mix; cached)", file=sys.stderr)
     # Capacities are a profiled property of the deployment: one search (seed 0) for every seed;
     # a seed changes the simulated day (twin noise, the stretch of trace it replays).
@@ -133,7 +125,7 @@ def simulate_scaling(args: argparse.Namespace) -> int:
     print(
         f"{len(workload.requests)} requests over {workload.duration_s:.0f} s, rate swinging "
         f"{low_rps:.2f}..{high_rps:.2f}/s; cold start {args.cold_start:.0f} s; SLO: TBT "
-        f"{_ms(slo.tbt_s)}, E2E {_ms(slo.e2e_s)}",
+        f"{ms(slo.tbt_s)}, E2E {ms(slo.e2e_s)}",
         file=sys.stderr,
     )
     with tqdm(total=len(policies) + 1, desc="policies", unit="policy", file=sys.stderr) as bar:
@@ -165,7 +157,3 @@ def simulate_scaling(args: argparse.Namespace) -> int:
         print(f"(savings against {comparison.baseline} at maximum clock)")
         print(format_table(comparison.summaries))
     return 0
-
-
-def _ms(seconds: float | None) -> str:
-    return "none" if seconds is None else f"{seconds * 1000:.0f} ms"

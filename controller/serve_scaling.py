@@ -62,16 +62,18 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def plan_sizes(args: argparse.Namespace) -> list[SizePlan]:
+    from .scaling.runtime import parse_sizes, parse_tp_list
+
     try:
-        tps = sorted({int(x) for x in args.scaling_tp.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(
-            f"--scaling-tp {args.scaling_tp!r}: expected sizes such as 1,2,4"
-        ) from None
-    if len(tps) < 1 or tps[0] < 1:
-        raise ValueError(f"--scaling-tp {args.scaling_tp!r}: expected sizes >= 1")
-    caps = _pairs(args.scaling_capacity.split(",") if args.scaling_capacity else [],
-                  "--scaling-capacity")  # fmt: skip
+        tps = parse_tp_list(args.scaling_tp)
+    except ValueError as e:
+        raise ValueError(f"--scaling-tp: {e}") from None
+    caps: dict[str, float] = {}
+    if args.scaling_capacity:
+        try:
+            caps = {s.name: s.capacity_rps for s in parse_sizes(args.scaling_capacity)}
+        except ValueError as e:
+            raise ValueError(f"--scaling-capacity: {e}") from None
     dirs = _pairs(args.scaling_engine_dir, "--scaling-engine-dir")
     plans, first_gpu = [], 0
     for tp in tps:
@@ -87,17 +89,8 @@ def plan_sizes(args: argparse.Namespace) -> list[SizePlan]:
             params["engine_dir"] = dirs[name]
             params["gpu_device_ids"] = ",".join(str(g) for g in range(first_gpu, first_gpu + tp))
         first_gpu += tp
-        capacity = None
-        if name in caps:
-            try:
-                capacity = float(caps[name])
-            except ValueError:
-                raise ValueError(
-                    f"--scaling-capacity {name}: not a number: {caps[name]!r}"
-                ) from None
-            if not capacity > 0:
-                raise ValueError(f"--scaling-capacity {name}: must be positive")
-        elif args.engine != "twin":
+        capacity = caps.get(name)
+        if capacity is None and args.engine != "twin":
             raise ValueError(f"--scaling-capacity {name}=REQ_PER_S is needed for a real engine")
         plans.append(SizePlan(name, tp, f"{LLM_MODEL}_{name}", params, capacity))
     return plans

@@ -184,35 +184,36 @@ def build_repository(source: Path, dest: Path, spec: RepositorySpec) -> Path:
         raise TritonError(f"{source} is not a throttllem model repository (no {LLM_MODEL}/)")
     dest.mkdir(parents=True, exist_ok=True)
     values = {"python_site_packages": site_packages(), **spec.parameters}
-    copies = {m: m for m in spec.models}
-    copies.update({name: LLM_MODEL for name in spec.variants})
-    for name, origin in copies.items():
-        target = dest / name
-        shutil.copytree(source / origin, target, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-        config = target / "config.pbtxt"
-        text = fill_placeholders(config.read_text(), values)
-        if origin == LLM_MODEL:
+    for name in spec.models:
+        text = _copy_model(source / name, dest / name, values)
+        if name == LLM_MODEL:
             text = _set_instance_count(text, spec.instances)
-            text = re.sub(r'name:\s*"tensorrt_llm"', f'name: "{name}"', text, count=1)
-            if name in spec.variants:
-                text = _set_decoupled(text, spec.variants[name])
-                text = re.sub(r'(key: "telemetry_port" value: \{ string_value: )"[^"]*"',
-                              r'\g<1>"0"', text)  # fmt: skip
-        config.write_text(text)
-    for name, overrides in spec.sized.items():
-        target = dest / name
-        shutil.copytree(source / LLM_MODEL, target, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-        text = fill_placeholders((source / LLM_MODEL / "config.pbtxt").read_text(),
-                                 {**values, **overrides})  # fmt: skip
+        (dest / name / "config.pbtxt").write_text(text)
+    # Extra copies of the LLM model (other transaction policies, sized variants): renamed, and
+    # their telemetry on free ports (a fixed base port belongs to tensorrt_llm).
+    copies: dict[str, tuple[dict[str, str], bool | None]] = {
+        name: ({}, decoupled) for name, decoupled in spec.variants.items()
+    }
+    copies.update({name: (overrides, None) for name, overrides in spec.sized.items()})
+    for name, (overrides, decoupled) in copies.items():
+        text = _copy_model(source / LLM_MODEL, dest / name, {**values, **overrides})
         text = _set_instance_count(text, spec.instances)
         text = re.sub(r'name:\s*"tensorrt_llm"', f'name: "{name}"', text, count=1)
-        text = re.sub(r'(key: "telemetry_port" value: \{ string_value: )"[^"]*"', r'\g<1>"0"', text)
-        (target / "config.pbtxt").write_text(text)
+        if decoupled is not None:
+            text = _set_decoupled(text, decoupled)
+        text = re.sub(r'(key: "telemetry_port" value: \{ string_value: )"[^"]*"',
+                      r'\g<1>"0"', text)  # fmt: skip
+        (dest / name / "config.pbtxt").write_text(text)
     if spec.routing_file is not None:
         _write_router(source, dest, values, spec.routing_file)
     return dest
+
+
+def _copy_model(origin: Path, target: Path, values: dict[str, str]) -> str:
+    """Copy a model folder; its config.pbtxt text with the placeholders filled (not written)."""
+    shutil.copytree(origin, target, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    return fill_placeholders((origin / "config.pbtxt").read_text(), values)
 
 
 def router_config(llm_config: str, site_packages: str, routing_file: str) -> str:

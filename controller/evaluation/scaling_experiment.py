@@ -34,18 +34,6 @@ class ScalingComparison:
     baseline: str
 
 
-def parse_tp_list(spec: str) -> list[int]:
-    try:
-        tps = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise PolicyError(
-            f"expected comma-separated TP sizes such as 1,2,4, got {spec!r}"
-        ) from None
-    if not tps or tps[0] < 1:
-        raise PolicyError(f"expected TP sizes >= 1, got {spec!r}")
-    return tps
-
-
 def parse_scaling_policies(spec: str, tps: Sequence[int]) -> list[str]:
     names = [p.strip() for p in spec.split(",") if p.strip()]
     valid = ", ".join(SCALING_POLICIES).replace("N", "N (N in " + "/".join(map(str, tps)) + ")")

@@ -25,11 +25,18 @@ from throttllem.backend.twin.factory import build_twin_engine
 from throttllem.backend.twin.gpu import TwinGpuGroup
 
 from ..control_loop import DriverActuator
-from ..events import Arrived, Finished, Iteration, Slo
+from ..events import Arrived, Finished, Slo
 from ..gpu.twin_driver import TwinDriver
 from ..scaling.rate_meter import ArrivalRateMeter
 from ..scaling.scaler import EngineSize, InstanceScaler, ScaleDecision, ScalerConfig
-from .simulator import EngineSetup, Policy, SimContext, SimResult, events_from_responses
+from .simulator import (
+    EngineSetup,
+    Policy,
+    SimContext,
+    SimResult,
+    events_from_responses,
+    iteration_event,
+)
 from .workload import Workload
 
 DEFAULT_COLD_START_S = 20.0
@@ -184,7 +191,7 @@ class ScalingSimulation:
             slot.in_flight = 0
             return
         now = slot.now()
-        ib, kv = stats.inflight_batching_stats, stats.kv_cache_stats
+        ib = stats.inflight_batching_stats
         self.iter_latency.append(stats.iter_latency_ms / 1000.0)
         self.iter_gen.append(ib.num_gen_requests)
         events = events_from_responses(
@@ -195,13 +202,7 @@ class ScalingSimulation:
             if isinstance(ev, Finished):
                 slot.in_flight -= 1
         slot.queued = stats.num_queued_requests
-        slot.policy.observe(
-            Iteration(
-                stats.iter, now, stats.iter_latency_ms / 1000.0, stats.num_active_requests,
-                stats.num_queued_requests, ib.num_context_requests, ib.num_gen_requests,
-                ib.num_ctx_tokens, kv.used_num_blocks, kv.max_num_blocks, kv.tokens_per_block,
-            )
-        )  # fmt: skip
+        slot.policy.observe(iteration_event(stats, now))
         twin = stats.twin
         if twin is not None:
             slot.clock_mhz = float(twin.sm_clock_mhz)

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from throttllem.backend.twin.executor import TwinExecutor
-from throttllem.backend.twin.executor_api import FinishReason, Request
+from throttllem.backend.twin.executor_api import FinishReason, IterationStats, Request
 from throttllem.backend.twin.factory import build_twin_engine
 from throttllem.backend.twin.hardware import GpuSpec, ModelSpec, default_catalog
 
@@ -130,6 +130,24 @@ def events_from_responses(
     return events
 
 
+def iteration_event(stats: IterationStats, now_s: float) -> Iteration:
+    """The controller's view of one twin iteration (what telemetry would carry)."""
+    ib, kv = stats.inflight_batching_stats, stats.kv_cache_stats
+    return Iteration(
+        stats.iter,
+        now_s,
+        stats.iter_latency_ms / 1000.0,
+        stats.num_active_requests,
+        stats.num_queued_requests,
+        ib.num_context_requests,
+        ib.num_gen_requests,
+        ib.num_ctx_tokens,
+        kv.used_num_blocks,
+        kv.max_num_blocks,
+        kv.tokens_per_block,
+    )
+
+
 def simulate(
     workload: Workload,
     setup: EngineSetup,
@@ -213,26 +231,11 @@ def simulate(
             continue
         now = ex.time.now_s()
         ib = stats.inflight_batching_stats
-        kv = stats.kv_cache_stats
         lat.append(stats.iter_latency_ms / 1000.0)
         gen.append(ib.num_gen_requests)
         for ev in events_from_responses(ex, now, started, tokens, first, done):
             policy.observe(ev)
-        policy.observe(
-            Iteration(
-                stats.iter,
-                now,
-                stats.iter_latency_ms / 1000.0,
-                stats.num_active_requests,
-                stats.num_queued_requests,
-                ib.num_context_requests,
-                ib.num_gen_requests,
-                ib.num_ctx_tokens,
-                kv.used_num_blocks,
-                kv.max_num_blocks,
-                kv.tokens_per_block,
-            )
-        )
+        policy.observe(iteration_event(stats, now))
         if now >= next_sample:
             twin = stats.twin
             tl_t.append(now)

@@ -20,6 +20,17 @@ from .scaler_metrics import ScalerMetrics
 from .switcher import TritonSwitcher, live_instances, telemetry_in_flight
 
 
+def parse_tp_list(spec: str) -> list[int]:
+    """`1,2,4`: TP sizes, ascending, duplicates dropped."""
+    try:
+        tps = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"expected comma-separated TP sizes such as 1,2,4, got {spec!r}") from None
+    if not tps or tps[0] < 1:
+        raise ValueError(f"expected TP sizes >= 1, got {spec!r}")
+    return tps
+
+
 def parse_sizes(spec: str) -> list[EngineSize]:
     """`tp1=1.0,tp2=3.5,...`: each size's name (tpN) and capacity in requests/s."""
     sizes = []
