@@ -155,17 +155,17 @@ class Prometheus:
         return result
 
 
-@pytest.fixture(scope="module")
-def prometheus(
-    prometheus_binary: str, served: Served, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Prometheus]:
-    folder = tmp_path_factory.mktemp("prometheus")
-    config = folder / "prometheus.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(served)))
+@contextlib.contextmanager
+def running_prometheus(binary: str, config: dict[str, Any], folder: Path) -> Iterator[Prometheus]:
+    """A real Prometheus on a free 127.0.0.1 port scraping with `config`, storage in `folder`;
+    ready when yielded, always stopped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file = folder / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     log = (folder / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        [prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+        [binary, f"--config.file={config_file}", f"--storage.tsdb.path={folder / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
         stdout=log, stderr=subprocess.STDOUT, cwd=folder,
     )  # fmt: skip
@@ -186,6 +186,15 @@ def prometheus(
     finally:
         stop(proc, timeout_s=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    prometheus_binary: str, served: Served, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    folder = tmp_path_factory.mktemp("prometheus")
+    with running_prometheus(prometheus_binary, prometheus_config(served), folder) as server:
+        yield server
 
 
 def test_prometheus_scrapes_the_controller_clock(prometheus: Prometheus) -> None:

@@ -30,7 +30,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-import yaml
 
 from throttllem.backend.telemetry.discovery import discover
 from throttllem.controller.evaluation.workload import Workload, daily_swing, read_trace, synthetic
@@ -39,7 +38,7 @@ from throttllem.v1 import telemetry_pb2 as pb
 from throttllem.v1 import telemetry_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_prometheus_scrape import Prometheus, deadline_poll, stop
+from test_prometheus_scrape import Prometheus, deadline_poll, running_prometheus, stop
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(1500)]
 
@@ -172,8 +171,6 @@ def prometheus(tmp: Path, procs: Procs) -> Iterator[Prometheus]:
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus not found: `make ops-tools` installs Debian's prometheus package")
-    folder = tmp / "prometheus"
-    folder.mkdir()
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [
@@ -183,28 +180,8 @@ def prometheus(tmp: Path, procs: Procs) -> Iterator[Prometheus]:
                 {"targets": [f"127.0.0.1:{procs.controller_metrics}"]}]},
         ],
     }  # fmt: skip
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (folder / "log").open("w")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={folder / 'prometheus.yml'}",
-         f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-    )  # fmt: skip
-    server = Prometheus(f"http://127.0.0.1:{port}")
-    try:
-        deadline_poll("prometheus ready", 60, lambda: _ok(server))
+    with running_prometheus(binary, config, tmp / "prometheus") as server:
         yield server
-    finally:
-        stop(proc, timeout_s=30)
-        log.close()
-
-
-def _ok(server: Prometheus) -> bool:
-    try:
-        return server.get("/api/v1/status/buildinfo")["status"] == "success"
-    except OSError:
-        return False
 
 
 class Clients:
