@@ -216,15 +216,22 @@ def _copy_model(origin: Path, target: Path, values: dict[str, str]) -> str:
     return fill_placeholders((origin / "config.pbtxt").read_text(), values)
 
 
-def router_config(llm_config: str, site_packages: str, routing_file: str) -> str:
+# Parameters of the variants that the router takes too (router.py says what each does).
+ROUTER_PARAMETERS = ("telemetry_registry_dir", "relay_stall_s", "router_threads")
+
+
+def router_config(
+    llm_config: str, site_packages: str, routing_file: str, extra: dict[str, str] | None = None
+) -> str:
     """The router's config.pbtxt: the tensorrt_llm model's interface (inputs, outputs,
-    decoupled), its engine parameters replaced by the routing file."""
+    decoupled), its engine parameters replaced by the routing file and `extra` (the router's
+    own parameters, e.g. the variants' telemetry registry, where its watchdog finds their
+    processes)."""
     text = re.sub(r"^parameters: .*$\n?", "", llm_config, flags=re.M)
     text = _set_instance_count(text, 1)
-    lines = [
-        f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
-        for key, value in (("routing_file", routing_file), ("python_site_packages", site_packages))
-    ]
+    pairs = {"routing_file": routing_file, "python_site_packages": site_packages, **(extra or {})}
+    lines = [f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+             for key, value in pairs.items()]  # fmt: skip
     return text + "".join(lines)
 
 
@@ -234,7 +241,8 @@ def _write_router(source: Path, dest: Path, values: dict[str, str], routing_file
         shutil.rmtree(target)
     shutil.copytree(source / "router", target, ignore=shutil.ignore_patterns("__pycache__"))
     llm = (source / LLM_MODEL / "config.pbtxt").read_text()
-    text = router_config(llm, values["python_site_packages"], routing_file)
+    extra = {k: values[k] for k in ROUTER_PARAMETERS if k in values}
+    text = router_config(llm, values["python_site_packages"], routing_file, extra)
     (target / "config.pbtxt").write_text(text)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,22 @@ def _error_code(kind: ErrorKind) -> Any:
 
 
 class TritonResponder:
-    """A Triton response sender as a serving-core Responder."""
+    """A Triton response sender as a serving-core Responder.
 
-    __slots__ = ("_decoupled", "_sender")
+    Triton frees a request's response factory once its final response is sent, and
+    `is_cancelled()` reads that factory in the Triton process: asking after the final is a
+    use-after-free there (seen as a SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled). The
+    cancellation thread asks while send threads may be sending the final, so the final send and
+    the question exclude each other, and a closed sender answers without asking.
+    """
+
+    __slots__ = ("_closed", "_decoupled", "_lock", "_sender")
 
     def __init__(self, request: Any, decoupled: bool) -> None:
         self._sender = request.get_response_sender()
         self._decoupled = decoupled
+        self._lock = threading.Lock()
+        self._closed = False
 
     def send(
         self,
@@ -121,17 +131,25 @@ class TritonResponder:
         elif outputs is None:
             if not final:
                 return
-            if self._decoupled:
-                self._sender.send(flags=flags)
-                return
-            response = pb_utils.InferenceResponse(output_tensors=[])
+            response = None if self._decoupled else pb_utils.InferenceResponse(output_tensors=[])
         else:
             tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
             response = pb_utils.InferenceResponse(output_tensors=tensors)
-        self._sender.send(response, flags=flags)
+        if not final:
+            self._sender.send(response, flags=flags)
+            return
+        with self._lock:
+            self._closed = True
+            if response is None:
+                self._sender.send(flags=flags)
+            else:
+                self._sender.send(response, flags=flags)
 
     def is_cancelled(self) -> bool:
-        return bool(self._sender.is_cancelled())
+        with self._lock:
+            if self._closed:
+                return False  # finished: nothing left to cancel
+            return bool(self._sender.is_cancelled())
 
 
 def _getter(request: Any) -> Any:

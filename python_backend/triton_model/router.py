@@ -10,9 +10,18 @@ The controller's switcher (controller/scaling/switcher.py) moves traffic by rewr
 routing file (atomically) once the new variant is ready. A request keeps the variant it started
 on, so requests in flight finish where they began while new ones go to the new size.
 
+A relay whose variant instance died is ended with an error by the watchdog
+(relay_watchdog.py), so each request gets exactly one final response whatever happens to the
+instance serving it. Outcomes are counted on Triton's metrics port as
+`throttllem_router_requests_total{model, outcome=completed|error|cancelled}`.
+
 Parameters (config.pbtxt):
-    routing_file     JSON file {"target": "<variant model name>"} (required)
-    router_threads   requests relayed at once (default 256: one thread per streaming request)
+    routing_file             JSON file {"target": "<variant model name>"} (required)
+    router_threads           requests relayed at once (default 256: one thread per request)
+    relay_stall_s            seconds without a response after which a relay whose instance
+                             died is ended (default 10)
+    telemetry_registry_dir   where the variants' instances register their pids (default: the
+                             telemetry default, as the variants)
 """
 
 from __future__ import annotations
@@ -26,9 +35,13 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from ..params import Parameters
+from ..telemetry.discovery import discover, pid_alive
+from .relay_watchdog import Relay, RelayWatchdog
 from .routing_file import RoutingTable
 
 logger = logging.getLogger(__name__)
+
+OUTCOMES = ("completed", "error", "cancelled")
 
 
 class RouterModel:
@@ -42,39 +55,57 @@ class RouterModel:
         threads = params.get_int("router_threads", 256, minimum=1) or 256
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="throttllem-route")
         self._outputs = [o["name"] for o in config.get("output", [])]
+        registry = params.get_str("telemetry_registry_dir")
+        registry_dir = Path(registry) if registry else None
+
+        def instance_pids(model: str) -> frozenset[int]:
+            return frozenset(e.pid for e in discover(registry_dir, model, check_pid=False))
+
+        stall_s = params.get_float("relay_stall_s", 10.0, minimum=0.001) or 10.0
+        self._watchdog = RelayWatchdog(stall_s, instance_pids, pid_alive, self._fail)
+        self._watchdog.start()
+        self._counters = _outcome_counters(args.get("model_name", config.get("name", "")))
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             sender = request.get_response_sender()
+            rid = request.request_id()
             target = self._table.target()
             if target is None:
-                _fail(sender, f"router: request '{request.request_id()}': no target model yet "
-                      "(routing file missing or empty)")  # fmt: skip
+                relay = Relay(rid, "", frozenset(), sender, 0.0)
+                self._fail(relay, f"router: request '{rid}': no target model yet (routing file "
+                           "missing or empty)")  # fmt: skip
                 continue
-            self._pool.submit(self._relay, request, sender, target)
+            relay = self._watchdog.open(rid, target, sender)
+            self._pool.submit(self._relay, request, relay)
         return None
 
-    def _relay(self, request: Any, sender: Any, target: str) -> None:
+    def _relay(self, request: Any, relay: Relay) -> None:
         try:
-            forwarded = self._forward(request, sender, target)
+            first = relay.target
+            forwarded = self._forward(request, relay)
             if forwarded is None:  # the target went away before answering: the new one
                 retry = self._table.target()
-                if retry is not None and retry != target:
-                    forwarded = self._forward(request, sender, retry)
+                if retry is not None and retry != first:
+                    self._watchdog.retarget(relay, retry)
+                    forwarded = self._forward(request, relay)
             if forwarded is None:
-                _fail(sender, f"router: request '{request.request_id()}': model {target} is "
-                      "unavailable")  # fmt: skip
+                self._fail(relay, f"router: request '{relay.request_id}': model {first} is "
+                           "unavailable")  # fmt: skip
                 return
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            if relay.send(final=True, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL):
+                self._count(relay.outcome)
         except Exception as e:  # one final response whatever happens
-            logger.exception("relaying a request to %s", target)
-            _fail(sender, f"router: request '{request.request_id()}': {e}")
+            logger.exception("relaying a request to %s", relay.target)
+            self._fail(relay, f"router: request '{relay.request_id}': {e}")
+        finally:
+            self._watchdog.close(relay)
 
-    def _forward(self, request: Any, sender: Any, target: str) -> int | None:
-        """Relay the responses of `target`; the count relayed, or None when the target refused
-        the request before answering (unloaded), so that it can go elsewhere."""
+    def _forward(self, request: Any, relay: Relay) -> int | None:
+        """Relay the responses of the relay's target; the count relayed, or None when the
+        target refused the request before answering (unloaded), so that it can go elsewhere."""
         bls = pb_utils.InferenceRequest(
-            model_name=target,
+            model_name=relay.target,
             inputs=request.inputs(),
             requested_output_names=self._outputs,
             parameters=json.loads(request.parameters() or "{}"),
@@ -82,7 +113,10 @@ class RouterModel:
         relayed = 0
         responses = bls.exec(decoupled=True)
         for response in responses:
-            if sender.is_cancelled():
+            self._watchdog.heard(relay)
+            if relay.closed or relay.is_cancelled():
+                if not relay.closed:
+                    relay.outcome = "cancelled"
                 cancel = getattr(responses, "cancel", None)
                 if cancel is not None:
                     cancel()
@@ -91,22 +125,56 @@ class RouterModel:
                 message = response.error().message()
                 if relayed == 0 and ("unavailable" in message or "not found" in message):
                     return None
-                sender.send(pb_utils.InferenceResponse(output_tensors=[],
-                                                       error=response.error()))  # fmt: skip
+                relay.outcome = "error"
+                # Named, as the router's own errors: a streaming client sees no request id.
+                text = f"router: request '{relay.request_id}': {message}"
+                code = getattr(response.error(), "code", None)
+                named = (
+                    pb_utils.TritonError(text)
+                    if code is None
+                    else pb_utils.TritonError(text, code())
+                )
+                relay.send(pb_utils.InferenceResponse(output_tensors=[], error=named))
                 relayed += 1
                 continue
             tensors = response.output_tensors()
             if tensors:
-                sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+                relay.send(pb_utils.InferenceResponse(output_tensors=tensors))
                 relayed += 1
         return relayed
 
+    def _fail(self, relay: Relay, message: str) -> None:
+        response = pb_utils.InferenceResponse(
+            output_tensors=[], error=pb_utils.TritonError(message)
+        )
+        if relay.send(response, final=True, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL):
+            self._count("error")
+
+    def _count(self, outcome: str) -> None:
+        counter = self._counters.get(outcome)
+        if counter is not None:
+            try:
+                counter.increment(1)
+            except Exception:
+                logger.exception("counting a %s request", outcome)
+
     def finalize(self) -> None:
+        self._watchdog.stop()
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
-def _fail(sender: Any, message: str) -> None:
-    sender.send(
-        pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
-        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-    )
+def _outcome_counters(model: str) -> dict[str, Any]:
+    """One counter per outcome; empty (counting off) on a Python backend without metrics."""
+    try:
+        family = pb_utils.MetricFamily(
+            name="throttllem_router_requests_total",
+            description="Requests the router ended, by outcome (each has exactly one final "
+            "response)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+    except Exception as e:
+        logger.info("router request counters unavailable: %s", e)
+        return {}
+    counters = {o: family.Metric(labels={"model": model, "outcome": o}) for o in OUTCOMES}
+    counters["_family"] = family  # the family must outlive its metrics
+    return counters

@@ -284,8 +284,25 @@ def test_soak(tmp_path: Path) -> None:
         finally:
             clients.close()
         memory_end = {name: rss_kb(pid) for name, pid in stack_pids(procs).items()}
-        routed = prom.query(f'sum(nv_inference_request_success{{model="{LLM}"}})')
-        failed = prom.query(f'sum(nv_inference_request_failure{{model="{LLM}"}})')
+
+        def scraped() -> tuple[Any, dict[str, Any]]:
+            accepted = prom.query(f'sum(nv_inference_request_success{{model="{LLM}"}})')
+            outcomes = {
+                o: prom.query(
+                    f'sum(throttllem_router_requests_total{{model="{LLM}",outcome="{o}"}})'
+                )
+                for o in ("completed", "error")
+            }
+            return accepted, outcomes
+
+        def ended(result: tuple[Any, dict[str, Any]]) -> int:
+            return sum(int(float(r[0]["value"][1])) for r in result[1].values() if r)
+
+        # The last finals reach Prometheus with its next scrape.
+        finals_seen = sum(clients.finals.values())
+        with contextlib.suppress(pytest.fail.Exception):
+            deadline_poll("Prometheus caught up", 30, lambda: ended(scraped()) >= finals_seen)
+        accepted, outcomes = scraped()
         controller_text = "".join(p.read_text() for p in procs.controller_log)
 
     sent, finals = clients.sent, clients.finals
@@ -298,12 +315,19 @@ def test_soak(tmp_path: Path) -> None:
         print(f"  {name:32s} RSS {s_rss / 1024:7.1f} -> {e_rss / 1024:7.1f} MiB, "
               f"peak {s_peak / 1024:7.1f} -> {e_peak / 1024:7.1f} MiB")  # fmt: skip
     when = [round(clients.sent_at[r] - min(clients.sent_at.values())) for r in hung[:20]]
-    ok = len(sent) - len(clients.errors)
-    prom_ok = int(float(routed[0]["value"][1])) if routed else -1
-    prom_failed = int(float(failed[0]["value"][1])) if failed else 0
+    ok = len(sent) - len(clients.errors) - len(hung)
+
+    def value(result: list[dict[str, Any]]) -> int:
+        return int(float(result[0]["value"][1])) if result else -1
+
+    # Triton counts a decoupled model's request when its execute accepts it; the router's own
+    # counters count the final responses it sent, by outcome.
+    prom_accepted = value(accepted)
+    prom_ok, prom_failed = value(outcomes["completed"]), value(outcomes["error"])
     print(f"  finals: {len(sent) - len(hung)} of {len(sent)}, hung {hung[:20]} (sent at {when} s),"
-          f" more than one final: {doubled[:5]}; Prometheus: {prom_ok} succeeded, {prom_failed}"
-          f" failed; clients: {ok} succeeded, {len(clients.errors)} failed")  # fmt: skip
+          f" more than one final: {doubled[:5]}; Prometheus: {prom_accepted} accepted, {prom_ok}"
+          f" completed, {prom_failed} failed; clients: {len(sent)} sent, {ok} completed,"
+          f" {len(clients.errors)} failed")  # fmt: skip
     problems = []
     if hung:
         problems.append(f"{len(hung)} requests never got a final response: {hung[:20]}")
@@ -317,7 +341,8 @@ def test_soak(tmp_path: Path) -> None:
     for name in set(memory_start) & set(memory_end):
         if memory_end[name][0] > memory_start[name][0] * 1.25 + 64 * 1024:
             problems.append(f"{name}: memory grew {memory_start[name]} -> {memory_end[name]} kB")
-    if (prom_ok, prom_failed) != (ok - len(hung), len(clients.errors)):
-        problems.append(f"Prometheus {prom_ok}/{prom_failed} vs clients {ok - len(hung)}/"
-                        f"{len(clients.errors)} (succeeded/failed)")  # fmt: skip
+    if (prom_accepted, prom_ok, prom_failed) != (len(sent), ok, len(clients.errors)):
+        problems.append(f"Prometheus {prom_accepted}/{prom_ok}/{prom_failed} vs clients "
+                        f"{len(sent)}/{ok}/{len(clients.errors)} (accepted or sent/completed/"
+                        "failed)")  # fmt: skip
     assert not problems, "; ".join(problems)
