@@ -16,6 +16,8 @@ not name the instance); per-instance detail is in the telemetry stream.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ..engines.base import IterationStat
@@ -39,7 +41,20 @@ def buckets_1_5(max_value: int) -> list[float]:
 class TritonMetrics:
     """The gauges and histograms, fed by the serving core."""
 
-    def __init__(self, pb_utils: Any, model: str, version: str) -> None:
+    def __init__(
+        self,
+        pb_utils: Any,
+        model: str,
+        version: str,
+        *,
+        min_interval_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._published_s = float("-inf")
+        self._pending: IterationStat | None = None
+        self._last: dict[str, float] = {}
         family = pb_utils.MetricFamily
         gauge = family.GAUGE
         common = {"model": model, "version": version}
@@ -106,6 +121,22 @@ class TritonMetrics:
                 logger.info("token-length histograms unavailable: %s", e)
 
     def on_iteration(self, stat: IterationStat) -> None:
+        """Publish the latest iteration, at most once per `min_interval_s`; the rest waits for
+        the next call or `flush`. Each gauge write is an IPC round trip to the Triton process,
+        and an engine runs tens of iterations a second: only changed gauges are written."""
+        now = self._clock()
+        if now - self._published_s < self._min_interval_s:
+            self._pending = stat
+            return
+        self._publish(stat, now)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._publish(self._pending, self._clock())
+
+    def _publish(self, stat: IterationStat, now: float) -> None:
+        self._pending = None
+        self._published_s = now
         g = self._gauges
         values = {
             "active": stat.num_active_requests,
@@ -128,8 +159,12 @@ class TritonMetrics:
             "timestamp": stat.timestamp_unix_ns // 1_000_000_000,
             "iter": stat.iter,
         }
+        last = self._last
         for key, value in values.items():
-            g[key].set(float(value))
+            number = float(value)
+            if last.get(key) != number:
+                g[key].set(number)
+                last[key] = number
 
     def on_request_done(self, input_tokens: int, output_tokens: int) -> None:
         if self._input_len is not None:

@@ -114,9 +114,12 @@ class RouterModel:
         responses = bls.exec(decoupled=True)
         for response in responses:
             self._watchdog.heard(relay)
-            if relay.closed or relay.is_cancelled():
-                if not relay.closed:
-                    relay.outcome = "cancelled"
+            if relay.closed or relay.outcome == "cancelled":
+                # Ended by the watchdog (its instance is gone: nothing to cancel there) or
+                # already cancelled once: drain what is left without touching the request.
+                continue
+            if relay.is_cancelled():
+                relay.outcome = "cancelled"
                 cancel = getattr(responses, "cancel", None)
                 if cancel is not None:
                     cancel()

@@ -66,11 +66,17 @@ class Responder(Protocol):
 class MetricsSink(Protocol):
     def on_iteration(self, stat: IterationStat) -> None: ...
 
+    def flush(self) -> None:
+        """Publish what on_iteration held back (called when no iteration ran)."""
+
     def on_request_done(self, input_tokens: int, output_tokens: int) -> None: ...
 
 
 class NullMetrics:
     def on_iteration(self, stat: IterationStat) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def on_request_done(self, input_tokens: int, output_tokens: int) -> None:
@@ -480,10 +486,11 @@ class ServingCore:
         except Exception:
             logger.exception("draining iteration stats failed")
             return
-        if not stats:
-            return
-        self.hub.iterations(stats)
         try:
-            self.metrics.on_iteration(stats[-1])
+            if stats:
+                self.hub.iterations(stats)
+                self.metrics.on_iteration(stats[-1])
+            else:
+                self.metrics.flush()
         except Exception:
             logger.exception("updating metrics failed")

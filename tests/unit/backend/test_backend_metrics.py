@@ -15,6 +15,7 @@ class Metric:
 
     def set(self, v: float) -> None:
         self.value = v
+        self.writes = getattr(self, "writes", 0) + 1
 
     def observe(self, v: float) -> None:
         self.observed.append(v)
@@ -66,6 +67,49 @@ def test_reference_families_and_labels() -> None:
     assert value("nv_trt_llm_general_metrics", general_type="timestamp").value == 3
     hist = value("nv_llm_output_token_len", response_metric_type="total_output_tokens")
     assert hist.observed == [20] and hist.buckets == buckets_1_5(1000)
+
+
+def _stat(iteration: int, kv_used: int) -> IterationStat:
+    return IterationStat(
+        iter=iteration, timestamp_unix_ns=3_000_000_000, iter_latency_ms=1.0,
+        num_active_requests=5, num_queued_requests=0, num_new_active_requests=0,
+        num_completed_requests=0, max_num_active_requests=64, num_scheduled_requests=5,
+        num_context_requests=0, num_gen_requests=5, num_paused_requests=0, num_ctx_tokens=0,
+        kv_used_blocks=kv_used, kv_free_blocks=100 - kv_used, kv_max_blocks=100,
+        kv_tokens_per_block=64,
+    )  # fmt: skip
+
+
+def test_gauges_written_at_most_once_per_interval_changed_only_and_flushed() -> None:
+    """Each gauge write is an IPC round trip: tens of iterations a second must not become
+    hundreds of writes, yet the last iteration is always what the gauges end up showing."""
+    Family.created = []
+    now = [0.0]
+    metrics = TritonMetrics(SimpleNamespace(MetricFamily=Family), "m", "1",
+                            min_interval_s=0.25, clock=lambda: now[0])  # fmt: skip
+    gauges = [m for f in Family.created if f.kind == "gauge" for m in f.metrics]
+
+    def writes() -> int:
+        return sum(getattr(m, "writes", 0) for m in gauges)
+
+    def kv_used() -> Any:
+        (m,) = [m for m in gauges if m.labels.get("kv_cache_block_type") == "used"]
+        return m.value
+
+    metrics.on_iteration(_stat(1, 10))
+    first = writes()
+    assert first == len(gauges)  # everything once
+    for i in range(2, 12):  # 10 iterations within 0.1 s: held back
+        now[0] += 0.01
+        metrics.on_iteration(_stat(i, 10 + i))
+    assert writes() == first and kv_used() == 10
+    metrics.flush()  # the engine went quiet: the latest one is published
+    assert kv_used() == 21
+    # Only what changed was written: iteration counter and the KV gauges.
+    assert writes() - first == 4
+    before = writes()
+    metrics.flush()  # nothing pending: nothing written
+    assert writes() == before
 
 
 def test_buckets() -> None:
