@@ -128,8 +128,10 @@ class RouterModel:
                 message = response.error().message()
                 if relayed == 0 and ("unavailable" in message or "not found" in message):
                     return None
+                # An error ends the request (the variant sends its errors as final): the
+                # client gets it as the one final response, named, as the router's own errors
+                # (a streaming client sees no request id); whatever follows is drained.
                 relay.outcome = "error"
-                # Named, as the router's own errors: a streaming client sees no request id.
                 text = f"router: request '{relay.request_id}': {message}"
                 code = getattr(response.error(), "code", None)
                 named = (
@@ -137,7 +139,10 @@ class RouterModel:
                     if code is None
                     else pb_utils.TritonError(text, code())
                 )
-                relay.send(pb_utils.InferenceResponse(output_tensors=[], error=named))
+                response_out = pb_utils.InferenceResponse(output_tensors=[], error=named)
+                if relay.send(response_out, final=True,
+                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL):  # fmt: skip
+                    self._count("error")
                 relayed += 1
                 continue
             tensors = response.output_tensors()

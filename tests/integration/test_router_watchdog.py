@@ -73,6 +73,12 @@ def test_request_on_a_killed_instance_ends_with_one_error_final(tmp_path: Path) 
             counts = deadline_poll("router counters", 30, lambda: (c := router_counts(
                 metrics_url)).get("error", 0) >= 2 and c)  # fmt: skip
             assert counts == {"completed": 1.0, "error": 2.0, "cancelled": 0.0}, counts
+            # By now anything else would have arrived: no second final (an error is the only
+            # final response of its request), nothing for anyone else.
+            leftover = []
+            while not stream._inbox.empty():
+                leftover.append(stream._inbox.get_nowait())
+            assert leftover == [], leftover
         finally:
             stream.client.stop_stream(cancel_requests=True)
             stream.client.close()

@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from throttllem.backend.telemetry.discovery import discover
 from throttllem.controller.evaluation.workload import Workload, daily_swing, read_trace, synthetic
@@ -259,11 +260,18 @@ def test_soak(tmp_path: Path) -> None:
                 delay = t0 + r.arrival_s - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)  # open-loop pacing of the load, not synchronisation
-                clients.send(k, max(1, min(r.prompt_tokens, 4096)), r.output_tokens)
+                if procs.serve.poll() is not None:
+                    events.append(f"{time.strftime('%H:%M:%S')} {r.arrival_s:.0f}s: serve exited")
+                    break
+                try:
+                    clients.send(k, max(1, min(r.prompt_tokens, 4096)), r.output_tokens)
+                except InferenceServerException as e:
+                    events.append(f"{time.strftime('%H:%M:%S')} {r.arrival_s:.0f}s: {e}")
+                    break
                 due = [f for f in chaos if r.arrival_s >= f * WALL_S]
                 for f in due:
                     what = chaos.pop(f)
-                    events.append(f"{r.arrival_s:.0f}s: kill {what}")
+                    events.append(f"{time.strftime('%H:%M:%S')} {r.arrival_s:.0f}s: kill {what}")
                     if what == "controller":
                         assert procs.controller is not None
                         procs.controller.send_signal(signal.SIGKILL)
@@ -329,6 +337,10 @@ def test_soak(tmp_path: Path) -> None:
           f" completed, {prom_failed} failed; clients: {len(sent)} sent, {ok} completed,"
           f" {len(clients.errors)} failed")  # fmt: skip
     problems = []
+    if procs.serve.poll() is not None:
+        log = procs.work / "tritonserver.log"
+        tail = log.read_text().splitlines()[-6:] if log.is_file() else []
+        problems.append(f"the server died during the soak: {' | '.join(tail)}")
     if hung:
         problems.append(f"{len(hung)} requests never got a final response: {hung[:20]}")
     if doubled:
