@@ -7,6 +7,13 @@ served the target model when the request went out (the telemetry registry's pids
 has heard nothing for `stall_s` while one of those processes is gone is ended with an error
 naming the request, so every client request still ends with exactly one final response.
 
+New requests are not sent to a model with a dead instance at all: the router holds them until
+the model is repaired (the controller reloads it) or `stall_s` passes. Besides sparing them the
+dead instance, this keeps Triton alive: a request Triton dispatches to a stub that was just
+SIGKILLed can abort tritonserver itself (its Python backend throws
+`boost::interprocess::lock_exception` on a shared-memory mutex the dead process held; reproduced
+with no router in the way).
+
 The stall bound keeps a request that is merely slow (queued behind others on a live instance of
 the same model) from being failed the moment a sibling instance dies; a request that has heard
 nothing for `stall_s` while an instance it may be on is dead has, in practice, lost its instance.
@@ -24,6 +31,34 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+
+class InstanceLiveness:
+    """Which processes serve a model, from the telemetry registry, and which of them died.
+
+    A registry entry whose process was never seen alive is stale (left by an earlier server
+    whose instance never unregistered) and is ignored; one seen alive that is now gone is a
+    dead instance until a new instance of the same name overwrites its entry."""
+
+    def __init__(self, entries: Callable[[str], list[int]], alive: Callable[[int], bool]) -> None:
+        self._entries = entries
+        self._alive = alive
+        self._seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    def pids(self, model: str) -> frozenset[int]:
+        out = set()
+        for pid in self._entries(model):
+            if self._alive(pid):
+                with self._lock:
+                    self._seen.add(pid)
+                out.add(pid)
+            elif pid in self._seen:
+                out.add(pid)
+        return frozenset(out)
+
+    def dead(self, model: str) -> list[int]:
+        return sorted(p for p in self.pids(model) if not self._alive(p))
 
 
 @dataclass

@@ -12,14 +12,17 @@ on, so requests in flight finish where they began while new ones go to the new s
 
 A relay whose variant instance died is ended with an error by the watchdog
 (relay_watchdog.py), so each request gets exactly one final response whatever happens to the
-instance serving it. Outcomes are counted on Triton's metrics port as
+instance serving it; new requests wait while the variant has a dead instance (until the
+controller repairs it), since Triton can abort when it dispatches to a freshly killed stub.
+Outcomes are counted on Triton's metrics port as
 `throttllem_router_requests_total{model, outcome=completed|error|cancelled}`.
 
 Parameters (config.pbtxt):
     routing_file             JSON file {"target": "<variant model name>"} (required)
     router_threads           requests relayed at once (default 256: one thread per request)
     relay_stall_s            seconds without a response after which a relay whose instance
-                             died is ended (default 10)
+                             died is ended, and the longest a new request waits for a model
+                             with a dead instance to be repaired (default 10)
     telemetry_registry_dir   where the variants' instances register their pids (default: the
                              telemetry default, as the variants)
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..params import Parameters
 from ..telemetry.discovery import discover, pid_alive
-from .relay_watchdog import Relay, RelayWatchdog
+from .relay_watchdog import InstanceLiveness, Relay, RelayWatchdog
 from .routing_file import RoutingTable
 
 logger = logging.getLogger(__name__)
@@ -58,11 +62,12 @@ class RouterModel:
         registry = params.get_str("telemetry_registry_dir")
         registry_dir = Path(registry) if registry else None
 
-        def instance_pids(model: str) -> frozenset[int]:
-            return frozenset(e.pid for e in discover(registry_dir, model, check_pid=False))
+        def entries(model: str) -> list[int]:
+            return [e.pid for e in discover(registry_dir, model, check_pid=False)]
 
-        stall_s = params.get_float("relay_stall_s", 10.0, minimum=0.001) or 10.0
-        self._watchdog = RelayWatchdog(stall_s, instance_pids, pid_alive, self._fail)
+        self._liveness = InstanceLiveness(entries, pid_alive)
+        self._stall_s = params.get_float("relay_stall_s", 10.0, minimum=0.001) or 10.0
+        self._watchdog = RelayWatchdog(self._stall_s, self._liveness.pids, pid_alive, self._fail)
         self._watchdog.start()
         self._counters = _outcome_counters(args.get("model_name", config.get("name", "")))
 
@@ -82,6 +87,8 @@ class RouterModel:
 
     def _relay(self, request: Any, relay: Relay) -> None:
         try:
+            if not self._await_healthy(relay):
+                return
             first = relay.target
             forwarded = self._forward(request, relay)
             if forwarded is None:  # the target went away before answering: the new one
@@ -100,6 +107,23 @@ class RouterModel:
             self._fail(relay, f"router: request '{relay.request_id}': {e}")
         finally:
             self._watchdog.close(relay)
+
+    def _await_healthy(self, relay: Relay) -> bool:
+        """Hold a request while its target has a dead instance (see relay_watchdog.py): until
+        the target is repaired or replaced, or `relay_stall_s` passes (then it fails, named)."""
+        deadline = time.monotonic() + self._stall_s
+        while dead := self._liveness.dead(relay.target):
+            if time.monotonic() > deadline:
+                self._fail(relay, f"router: request '{relay.request_id}': model {relay.target} "
+                           f"lost instance process {', '.join(map(str, dead))} and was not "
+                           f"repaired within {self._stall_s:.0f} s")  # fmt: skip
+                return False
+            time.sleep(0.05)  # polling the registry while the controller repairs the model
+            target = self._table.target()
+            if target is not None and target != relay.target:
+                self._watchdog.retarget(relay, target)
+        self._watchdog.heard(relay)  # the wait is not a stall of the target
+        return True
 
     def _forward(self, request: Any, relay: Relay) -> int | None:
         """Relay the responses of the relay's target; the count relayed, or None when the

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from throttllem.backend.triton_model.relay_watchdog import Relay, RelayWatchdog
+from throttllem.backend.triton_model.relay_watchdog import InstanceLiveness, Relay, RelayWatchdog
 
 
 class FakeSender:
@@ -115,3 +115,16 @@ def test_concurrent_finals_send_exactly_one() -> None:
 def test_non_positive_stall_is_refused() -> None:
     with pytest.raises(ValueError, match="relay_stall_s"):
         RelayWatchdog(0.0, lambda m: frozenset(), lambda p: True, lambda r, m: None)
+
+
+def test_liveness_ignores_stale_entries_and_reports_instances_that_died() -> None:
+    entries = {"m": [1, 2, 3]}
+    alive = {1, 2}  # 3: a stale entry, its process gone before this router ever saw it
+    live = InstanceLiveness(lambda m: entries.get(m, []), lambda p: p in alive)
+    assert live.pids("m") == frozenset({1, 2}) and live.dead("m") == []
+    alive.discard(2)  # an instance seen alive dies
+    assert live.dead("m") == [2] and live.pids("m") == frozenset({1, 2})
+    entries["m"] = [1, 4]  # repaired: a new process under the same instance name
+    alive.add(4)
+    assert live.dead("m") == [] and live.pids("m") == frozenset({1, 4})
+    assert live.pids("other") == frozenset()
