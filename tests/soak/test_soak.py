@@ -195,6 +195,7 @@ class Clients:
         self.sent: dict[str, int] = {}
         self.sent_at: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.closing = False
         self.clients = []
         for _ in range(streams):
             c = grpcclient.InferenceServerClient(url)
@@ -203,6 +204,8 @@ class Clients:
 
     def _on_response(self, result: Any, error: Any) -> None:
         with self._lock:
+            if error is not None and self.closing:
+                return
             if error is not None:
                 # The router names the request in its errors: "request 'r12': ...".
                 text = str(error)
@@ -239,6 +242,9 @@ class Clients:
         )
 
     def close(self) -> None:
+        # Each stream's own cancellation on close comes back as an error on its callback
+        # ("Locally cancelled by application"): the client's doing, not the server's answer.
+        self.closing = True
         for c in self.clients:
             c.stop_stream(cancel_requests=True)  # whatever is still open: never wait on it
             c.close()
@@ -254,6 +260,11 @@ def test_soak(tmp_path: Path) -> None:
         events: list[str] = []
         unlocked_while_down: list[bool] = []
         chaos = {0.2: "controller", 0.35: "instance", 0.55: "controller"}
+        if os.environ.get("THROTTLLEM_SOAK_KILL_INSTANCE", "1") == "0":
+            # Triton's Python backend can abort tritonserver when a stub is SIGKILLed under
+            # traffic (docs/operator-guide.md, benchmarks/repro_stub_kill.py): this runs every
+            # other check without that kill.
+            del chaos[0.35]
         t0 = time.monotonic()
         try:
             for k, r in enumerate(work.requests):
@@ -292,6 +303,7 @@ def test_soak(tmp_path: Path) -> None:
         finally:
             clients.close()
         memory_end = {name: rss_kb(pid) for name, pid in stack_pids(procs).items()}
+        serve_died = procs.serve.poll() is not None  # before the stack's teardown stops it
 
         def scraped() -> tuple[Any, dict[str, Any]]:
             accepted = prom.query(f'sum(nv_inference_request_success{{model="{LLM}"}})')
@@ -318,6 +330,8 @@ def test_soak(tmp_path: Path) -> None:
     doubled = sorted(rid for rid, n in finals.items() if n != 1)
     print(f"\nsoak: {len(sent)} requests over {WALL_S:.0f} s wall ({SIM_S:.0f} s simulated); "
           f"errors {len(clients.errors)}; events {events}")  # fmt: skip
+    for text in sorted(set(clients.errors.values()))[:5]:
+        print(f"  error: {text[:300]}")
     for name in sorted(set(memory_start) & set(memory_end)):
         (s_rss, s_peak), (e_rss, e_peak) = memory_start[name], memory_end[name]
         print(f"  {name:32s} RSS {s_rss / 1024:7.1f} -> {e_rss / 1024:7.1f} MiB, "
@@ -337,7 +351,7 @@ def test_soak(tmp_path: Path) -> None:
           f" completed, {prom_failed} failed; clients: {len(sent)} sent, {ok} completed,"
           f" {len(clients.errors)} failed")  # fmt: skip
     problems = []
-    if procs.serve.poll() is not None:
+    if serve_died:
         log = procs.work / "tritonserver.log"
         tail = log.read_text().splitlines()[-6:] if log.is_file() else []
         problems.append(f"the server died during the soak: {' | '.join(tail)}")
@@ -347,7 +361,7 @@ def test_soak(tmp_path: Path) -> None:
         problems.append(f"requests with more than one final response: {doubled[:5]}")
     if len(unlocked_while_down) != 2:
         problems.append("GPUs not at default clocks while the controller was down")
-    if "reloading" not in controller_text:
+    if "reloading" not in controller_text and any("kill instance" in e for e in events):
         problems.append("the killed instance was not brought back")
     # Flat memory: processes alive from start to end grow by less than 25% (+64 MiB slack).
     for name in set(memory_start) & set(memory_end):
