@@ -24,6 +24,7 @@ from typing import Any
 
 from ..engines.base import GpuReading
 from ..engines.gpu_state import GpuStateSource
+from .metrics import METRIC_IPC_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +83,23 @@ class GpuMetrics:
             energy_mj=0,
         )
 
+    def _update(self, readings: Any) -> None:
+        for reading in readings:
+            series = self._series.get(reading.index)
+            if series is None:
+                series = self._series[reading.index] = self._new_series(reading)
+            series.clock.set(float(reading.sm_clock_mhz))
+            series.power.set(reading.power_mw / 1000.0)
+            if reading.total_energy_mj > series.energy_mj:
+                series.energy.increment((reading.total_energy_mj - series.energy_mj) / 1000.0)
+            series.energy_mj = reading.total_energy_mj
+
     def sample(self) -> None:
         """Read the GPUs once and update their series; never raises (a failure is logged)."""
         try:
             readings = self._source.readings()
-            for reading in readings:
-                series = self._series.get(reading.index)
-                if series is None:
-                    series = self._series[reading.index] = self._new_series(reading)
-                series.clock.set(float(reading.sm_clock_mhz))
-                series.power.set(reading.power_mw / 1000.0)
-                if reading.total_energy_mj > series.energy_mj:
-                    series.energy.increment((reading.total_energy_mj - series.energy_mj) / 1000.0)
-                series.energy_mj = reading.total_energy_mj
+            with METRIC_IPC_LOCK:
+                self._update(readings)
             self._failed = False
         except Exception:
             if not self._failed:

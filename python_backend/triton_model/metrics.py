@@ -16,6 +16,7 @@ not name the instance); per-instance detail is in the telemetry stream.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,13 @@ from typing import Any
 from ..engines.base import IterationStat
 
 logger = logging.getLogger(__name__)
+
+# Every metric call of a Python-backend model is an IPC exchange with the Triton process.
+# The stub's metric API is only ever driven from one thread by Triton's own examples; this
+# process drives it from several (statistics, responses, GPU sampling, the router's relays),
+# so all of them take this lock: concurrent metric messages are a suspect in tritonserver
+# crashes seen under load (docs/operator-guide.md, section 6).
+METRIC_IPC_LOCK = threading.Lock()
 
 
 def buckets_1_5(max_value: int) -> list[float]:
@@ -128,11 +136,13 @@ class TritonMetrics:
         if now - self._published_s < self._min_interval_s:
             self._pending = stat
             return
-        self._publish(stat, now)
+        with METRIC_IPC_LOCK:
+            self._publish(stat, now)
 
     def flush(self) -> None:
         if self._pending is not None:
-            self._publish(self._pending, self._clock())
+            with METRIC_IPC_LOCK:
+                self._publish(self._pending, self._clock())
 
     def _publish(self, stat: IterationStat, now: float) -> None:
         self._pending = None
@@ -168,5 +178,6 @@ class TritonMetrics:
 
     def on_request_done(self, input_tokens: int, output_tokens: int) -> None:
         if self._input_len is not None:
-            self._input_len.observe(float(input_tokens))
-            self._output_len.observe(float(output_tokens))
+            with METRIC_IPC_LOCK:
+                self._input_len.observe(float(input_tokens))
+                self._output_len.observe(float(output_tokens))

@@ -40,6 +40,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..params import Parameters
 from ..telemetry.discovery import discover, pid_alive
+from .metrics import METRIC_IPC_LOCK
 from .relay_watchdog import InstanceLiveness, Relay, RelayWatchdog
 from .routing_file import RoutingTable
 
@@ -186,7 +187,8 @@ class RouterModel:
         counter = self._counters.get(outcome)
         if counter is not None:
             try:
-                counter.increment(1)
+                with METRIC_IPC_LOCK:
+                    counter.increment(1)
             except Exception:
                 logger.exception("counting a %s request", outcome)
 
