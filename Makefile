@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 soak: $(STAMP) ops-tools
-	$(PY) -m pytest -q -m soak
+	$(PY) -m pytest -q -rP -m soak
 
 lint: $(STAMP) typing-tree
 	$(VENV)/bin/ruff check .
