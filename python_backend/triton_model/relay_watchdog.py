@@ -8,11 +8,10 @@ has heard nothing for `stall_s` while one of those processes is gone is ended wi
 naming the request, so every client request still ends with exactly one final response.
 
 New requests are not sent to a model with a dead instance at all: the router holds them until
-the model is repaired (the controller reloads it) or `stall_s` passes. Besides sparing them the
-dead instance, this keeps Triton alive: a request Triton dispatches to a stub that was just
-SIGKILLed can abort tritonserver itself (its Python backend throws
-`boost::interprocess::lock_exception` on a shared-memory mutex the dead process held; reproduced
-with no router in the way).
+the model is repaired (the controller reloads it) or `stall_s` passes. That spares them the dead
+instance, and spares Triton a dispatch to a stub that just died: while diagnosing soak crashes
+(tritonserver aborting with `boost::interprocess::lock_exception` or signal 11 in
+libtriton_python.so), requests arriving right after a stub's SIGKILL were the common factor.
 
 The stall bound keeps a request that is merely slow (queued behind others on a live instance of
 the same model) from being failed the moment a sibling instance dies; a request that has heard
