@@ -48,8 +48,10 @@ class IpsTable:
     ) -> None:
         self.tokens_per_block = tokens_per_block
         # A GPU draws this much anyway while the engine waits for work: only power above it
-        # is the cost of running an iteration (per GPU, as the power model predicts).
+        # is the cost of running an iteration. Per GPU; the power model predicts the whole
+        # engine's power (all `tp` GPUs), so an iteration's idle share is tp x this.
         self.idle_power_w = idle_power_w
+        self.tp = tp
         self.clocks_mhz = np.array(sorted(clocks_mhz), dtype=np.int64)
         self.max_batch = max_batch
         self.kv_capacity = max(kv_capacity_blocks, 1)
@@ -114,14 +116,14 @@ class IpsTable:
         return self._power is not None
 
     def energy_per_iteration_j(self, batch: int, kv: int, above_idle: bool = True) -> FloatArray:
-        """Energy one decoding iteration costs at every clock (clocks ascending), per GPU; with
-        `above_idle`, only what the GPU draws above idle over that time (the time saved by a
-        faster clock is then spent idle); needs power."""
+        """Energy one decoding iteration costs at every clock (clocks ascending), the whole
+        engine; with `above_idle`, only what its GPUs draw above idle over that time (the time
+        saved by a faster clock is then spent idle); needs power."""
         if self._power is None:
             raise ValueError("this performance model does not predict power")
         b = int(np.searchsorted(self.batch_grid, min(batch, self.max_batch)))
         k = int(self._kv_index(self.kv_grid, np.array([kv]))[0])
-        idle = self.idle_power_w if above_idle else 0.0
+        idle = self.idle_power_w * self.tp if above_idle else 0.0
         return (self._power[:, b, k] - idle) * self._gen[:, b, k]
 
     def _kv_index(self, grid: IntArray, kv: IntArray) -> IntArray:

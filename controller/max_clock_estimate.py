@@ -6,16 +6,17 @@ idle power all along, plus, for every iteration the engine ran, the power above 
 predicts at maximum clock for that iteration's batch and KV blocks, for as long as the model
 predicts the iteration takes at maximum clock:
 
-    E_max = gpus * (P_idle * span + sum over iterations i of (P_max(b_i, kv_i) - P_idle) * t_max_i)
+    E_max = gpus * P_idle * span
+            + sum over iterations i of (P_max(b_i, kv_i) - gpus * P_idle) * t_max_i
 
 t_max_i being the model's duration of iteration i at maximum clock (b_i, kv_i, prompt tokens).
 
-`P_idle` and the powers are per GPU (`IpsTable.idle_power_w`, the power model); the table's
-`energy_per_iteration_j` is (P - P_idle) * t per GPU at each clock, the last one being the
-maximum. An iteration that prefills prompt tokens takes longer: its time comes from the table's
-prompt-token axis, at the decoding power (the power model has no prompt axis), which makes
-E_max, and the saving, a little low. Iterations the controller did not see (telemetry gaps)
-are missing from E_max too.
+`P_idle` is per GPU (`IpsTable.idle_power_w`); the power model's P is the whole engine's (all
+its GPUs); the table's `energy_per_iteration_j` is (P - gpus * P_idle) * t at each clock, the
+last one being the maximum. An iteration that prefills prompt tokens takes longer: its time
+comes from the table's prompt-token axis, at the decoding power (the power model has no prompt
+axis), which makes E_max, and the saving, a little low. Iterations the controller did not see
+(telemetry gaps) are missing from E_max too.
 
 The largest bias is batching: at a lower clock requests live longer, so each iteration batches
 more of them; the same requests at maximum clock would run more, smaller iterations, which a
@@ -62,15 +63,15 @@ class MaxClockEnergyEstimate:
         in use and `ctx_tokens` prompt tokens prefilled."""
         if batch <= 0:
             return
-        per_gpu_j = float(self._table.energy_per_iteration_j(batch, kv_blocks)[-1])
+        engine_j = float(self._table.energy_per_iteration_j(batch, kv_blocks)[-1])
         if ctx_tokens > 0:
             # Same power above idle, for the longer time a prefill takes at maximum clock.
             b, kv = np.array([batch]), np.array([kv_blocks])
             decode_s = float(self._table.seconds(self._top, b, kv, np.array([0]))[0])
             prefill_s = float(self._table.seconds(self._top, b, kv, np.array([ctx_tokens]))[0])
             if decode_s > 0:
-                per_gpu_j *= prefill_s / decode_s
-        self._busy_j += per_gpu_j * self._gpus
+                engine_j *= prefill_s / decode_s
+        self._busy_j += engine_j
         self.iterations += 1
 
     def energy_at_max_j(self, now_s: float) -> float:

@@ -227,6 +227,30 @@ def test_the_energy_floor_weighs_only_power_above_idle() -> None:
         assert table.clocks_mhz[int(np.argmin(energy))] == choice.clock_mhz
 
 
+class TwoGpuPoweredModel(PoweredModel):
+    """The same GPUs, two of them: the power model predicts the whole engine's power."""
+
+    def predict_power_w(self, x: np.ndarray) -> np.ndarray:
+        return 2.0 * super().predict_power_w(x)
+
+
+def test_the_idle_share_of_a_multi_gpu_engine_is_every_gpus_idle_power() -> None:
+    """Engine power covers all `tp` GPUs, the idle power is per GPU: above idle means above
+    tp x idle. Subtracting one GPU's idle only would charge slow clocks for idle power the
+    other GPU draws anyway, and put the floor too high (it cost Llama-2-13B TP2 ~9 points of
+    saving against a fixed clock)."""
+    one = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000,
+                   idle_power_w=60.0)  # fmt: skip
+    two = IpsTable(TwoGpuPoweredModel(), CLOCKS, tp=2, max_batch=64, kv_capacity_blocks=2000,
+                   idle_power_w=60.0)  # fmt: skip
+    # AnalyticModel's speed does not depend on tp: the two engines differ only in power.
+    assert np.allclose(two.energy_per_iteration_j(16, 176), 2 * one.energy_per_iteration_j(16, 176))
+    proj, dl = _scenario(e2e_s=1e6)
+    by_one = choose_clock(0.0, proj, dl, one, margin=EXACT)
+    by_two = choose_clock(0.0, proj, dl, two, margin=EXACT)
+    assert by_two.clock_mhz == by_one.clock_mhz
+
+
 def test_with_requests_waiting_the_floor_weighs_whole_iteration_energy() -> None:
     """Time a faster clock saves goes to waiting requests, not to idling: the floor then counts
     the whole energy of an iteration and sits higher than with nobody waiting."""

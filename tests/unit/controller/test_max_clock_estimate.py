@@ -16,7 +16,8 @@ IDLE_W = 50.0
 
 
 class HandModel:
-    """At 1000 MHz: 100 IPS (10 ms) decoding, 20 ms with 512 prompt tokens; 300 W per GPU."""
+    """At 1000 MHz: 100 IPS (10 ms) decoding, 20 ms with 512 prompt tokens; 300 W per GPU, the
+    engine's two GPUs 600 W (a power model predicts the whole engine's power)."""
 
     def predict_ips(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         ips = x[:, COL["sm_clock_mhz"]] / 10.0 / (1.0 + x[:, COL["ctx_tokens"]] / 512.0)
@@ -26,7 +27,7 @@ class HandModel:
         return True
 
     def predict_power_w(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        return np.asarray(100.0 + 0.2 * x[:, COL["sm_clock_mhz"]], dtype=np.float64)
+        return np.asarray(2 * (100.0 + 0.2 * x[:, COL["sm_clock_mhz"]]), dtype=np.float64)
 
 
 class NoPowerModel:
@@ -47,8 +48,8 @@ def table(model: object = None) -> IpsTable:
 
 
 def test_energy_at_max_clock_by_hand() -> None:
-    # Per GPU at 1000 MHz: decoding (300 - 50) W x 0.01 s = 2.5 J; with 512 prompt tokens
-    # 250 W x 0.02 s = 5 J. Two GPUs.
+    # At 1000 MHz: decoding (600 - 2 x 50) W x 0.01 s = 5 J for the engine; with 512 prompt
+    # tokens 500 W x 0.02 s = 10 J.
     est = MaxClockEnergyEstimate(table(), gpus=2, start_s=100.0)
     assert est.energy_at_max_j(100.0) == 0.0
     assert est.saving_ratio(0.0, 100.0) is None  # nothing to compare with yet
@@ -57,7 +58,7 @@ def test_energy_at_max_clock_by_hand() -> None:
     est.add_iteration(batch=3, kv_blocks=20, ctx_tokens=512)
     est.add_iteration(batch=4, kv_blocks=20, ctx_tokens=512)
     assert est.iterations == 12
-    # idle 50 W x 2 GPUs x 10 s = 1000 J; busy 10 x 2.5 x 2 + 2 x 5 x 2 = 70 J
+    # idle 50 W x 2 GPUs x 10 s = 1000 J; busy 10 x 5 + 2 x 10 = 70 J
     assert est.energy_at_max_j(110.0) == pytest.approx(1070.0)
     assert est.saving_ratio(856.0, 110.0) == pytest.approx(0.2)
     assert est.saving_ratio(1070.0, 110.0) == pytest.approx(0.0)
