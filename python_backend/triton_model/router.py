@@ -113,7 +113,7 @@ class RouterModel:
         """Hold a request while its target has a dead instance (see relay_watchdog.py): until
         the target is repaired or replaced, or `relay_stall_s` passes (then it fails, named)."""
         deadline = time.monotonic() + self._stall_s
-        while dead := self._liveness.dead(relay.target):
+        while not relay.closed and (dead := self._liveness.dead(relay.target)):
             if time.monotonic() > deadline:
                 self._fail(relay, f"router: request '{relay.request_id}': model {relay.target} "
                            f"lost instance process {', '.join(map(str, dead))} and was not "
@@ -123,6 +123,8 @@ class RouterModel:
             target = self._table.target()
             if target is not None and target != relay.target:
                 self._watchdog.retarget(relay, target)
+        if relay.closed:  # the watchdog ended it meanwhile
+            return False
         self._watchdog.heard(relay)  # the wait is not a stall of the target
         return True
 
