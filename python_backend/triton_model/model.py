@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from .convert import (
     parse_parameters,
 )
 from .gpu_metrics import GpuMetrics
+from .guarded_sender import GuardedSender
 from .metrics import TritonMetrics
 from .outputs import Outputs
 from .serving import ErrorKind, ServingCore
@@ -98,22 +98,14 @@ def _error_code(kind: ErrorKind) -> Any:
 
 
 class TritonResponder:
-    """A Triton response sender as a serving-core Responder.
+    """A Triton response sender as a serving-core Responder (closed once, never asked after
+    its final response: guarded_sender.py)."""
 
-    Triton frees a request's response factory once its final response is sent, and
-    `is_cancelled()` reads that factory in the Triton process: asking after the final is a
-    use-after-free there (seen as a SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled). The
-    cancellation thread asks while send threads may be sending the final, so the final send and
-    the question exclude each other, and a closed sender answers without asking.
-    """
-
-    __slots__ = ("_closed", "_decoupled", "_lock", "_sender")
+    __slots__ = ("_decoupled", "_sender")
 
     def __init__(self, request: Any, decoupled: bool) -> None:
-        self._sender = request.get_response_sender()
+        self._sender = GuardedSender(request.get_response_sender())
         self._decoupled = decoupled
-        self._lock = threading.Lock()
-        self._closed = False
 
     def send(
         self,
@@ -135,21 +127,10 @@ class TritonResponder:
         else:
             tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
             response = pb_utils.InferenceResponse(output_tensors=tensors)
-        if not final:
-            self._sender.send(response, flags=flags)
-            return
-        with self._lock:
-            self._closed = True
-            if response is None:
-                self._sender.send(flags=flags)
-            else:
-                self._sender.send(response, flags=flags)
+        self._sender.send(response, final=final, flags=flags)
 
     def is_cancelled(self) -> bool:
-        with self._lock:
-            if self._closed:
-                return False  # finished: nothing left to cancel
-            return bool(self._sender.is_cancelled())
+        return self._sender.is_cancelled()
 
 
 def _getter(request: Any) -> Any:

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .guarded_sender import GuardedSender
+
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
@@ -63,7 +65,8 @@ class InstanceLiveness:
 @dataclass
 class Relay:
     """One client request in flight through the router. Every response to the client goes
-    through `send`, so the relay thread and the watchdog can never both send a final one."""
+    through `send` (a GuardedSender), so the relay thread and the watchdog can never both send
+    a final one, and nothing asks Triton about the request after it."""
 
     request_id: str
     target: str
@@ -71,27 +74,22 @@ class Relay:
     sender: Any
     last_activity_s: float
     outcome: str = "completed"  # completed | error | cancelled
-    closed: bool = False  # a final response has been sent
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    out: GuardedSender = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.out = GuardedSender(self.sender)
+
+    @property
+    def closed(self) -> bool:
+        """A final response has been sent."""
+        return self.out.closed
 
     def send(self, response: Any = None, *, final: bool = False, flags: int = 0) -> bool:
         """Send unless already closed; False when the relay was closed (nothing sent)."""
-        with self.lock:
-            if self.closed:
-                return False
-            if final:
-                self.closed = True
-            if response is None:
-                self.sender.send(flags=flags)
-            else:
-                self.sender.send(response, flags=flags)
-            return True
+        return self.out.send(response, final=final, flags=flags)
 
     def is_cancelled(self) -> bool:
-        """Whether the client cancelled; never asks Triton after the final response (Triton
-        frees the response factory the question reads: see TritonResponder)."""
-        with self.lock:
-            return not self.closed and bool(self.sender.is_cancelled())
+        return self.out.is_cancelled()
 
 
 class RelayWatchdog:

@@ -112,6 +112,8 @@ class RouterModel:
     def _await_healthy(self, relay: Relay) -> bool:
         """Hold a request while its target has a dead instance (see relay_watchdog.py): until
         the target is repaired or replaced, or `relay_stall_s` passes (then it fails, named)."""
+        if all(pid_alive(p) for p in relay.pids):
+            return True  # the common case: the registry was read when the relay opened
         deadline = time.monotonic() + self._stall_s
         while not relay.closed and (dead := self._liveness.dead(relay.target)):
             if time.monotonic() > deadline:
