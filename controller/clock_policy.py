@@ -160,12 +160,47 @@ class ArrivalForecast:
 
     rate_per_s: float = 0.0
     mean_prompt_tokens: float = 0.0
-    mean_output_tokens: float = 0.0
+    mean_output_tokens: float = 0.0  # predicted (conservative): sizes the projected load
     iteration_s: float = 0.0  # recent mean iteration time: turns the rate into per iteration
+    # Mean tokens the recently finished requests generated (0: none finished yet): what the
+    # arrivals will ask of the engine on average, for the backlog check.
+    finished_output_tokens: float = 0.0
 
     @property
     def per_iteration(self) -> float:
         return self.rate_per_s * self.iteration_s
+
+
+# A queued request the projection cannot admit within this many iterations waits for a slot or
+# for KV blocks: the engine is at its limit and its throughput is set by the clock.
+BACKLOG_AFTER_ITERATIONS = 2
+
+
+def has_backlog(proj: Projection) -> bool:
+    """Requests wait for admission (a full batch or KV cache), not just for the next iteration."""
+    first = proj.queued_first_iter
+    return bool(np.any((first < 0) | (first > BACKLOG_AFTER_ITERATIONS)))
+
+
+def lowest_sustaining_clock(
+    table: IpsTable, batch: int, kv_blocks: int, forecast: ArrivalForecast
+) -> int:
+    """The lowest clock index at which a full engine serves the arrivals as fast as they come.
+
+    Each arrival costs its prefill (what an iteration carrying its prompt takes beyond a plain
+    decoding one) plus its output tokens' share of decoding iterations at the current batch:
+    utilisation = rate x (prefill + tokens x iteration / batch), which must not exceed 1. The
+    top index when no clock manages it.
+    """
+    b = np.array([max(batch, 1)] * 2, dtype=np.int64)
+    kv = np.array([kv_blocks] * 2, dtype=np.int64)
+    ctx = np.array([0, max(int(forecast.mean_prompt_tokens), 1)], dtype=np.int64)
+    seconds = table.seconds_all_clocks(b, kv, ctx)  # (clocks, 2): decode, decode + prefill
+    tokens = forecast.finished_output_tokens or forecast.mean_output_tokens
+    per_request = (seconds[:, 1] - seconds[:, 0]) + tokens * seconds[:, 0] / max(batch, 1)
+    utilisation = forecast.rate_per_s * per_request
+    ok = np.nonzero(utilisation <= 1.0)[0]
+    return int(ok[0]) if ok.size else len(table.clocks_mhz) - 1
 
 
 @dataclass(frozen=True)
@@ -173,7 +208,7 @@ class Margin:
     """Slack every request must keep: a fraction of the time still to run (the projection and
     the model err in proportion to it) plus a fixed part."""
 
-    fraction: float = 0.05
+    fraction: float = 0.1
     seconds: float = 0.05
 
 
@@ -199,6 +234,14 @@ def choose_clock(
     if lost_fallback not in ("ignore", "max"):
         raise ValueError(f"lost_fallback must be 'ignore' or 'max', got {lost_fallback!r}")
     margin = margin or Margin()
+    # With a backlog, time not spent serving is never recovered while arrivals keep pace: the
+    # wait grows for every later request, including those not yet arrived whose deadlines no
+    # check below can see. So the clock must at least keep up with the arrivals.
+    sustain = 0
+    if forecast is not None and forecast.rate_per_s > 0 and has_backlog(proj):
+        sustain = lowest_sustaining_clock(
+            table, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast
+        )
     if forecast is not None and forecast.per_iteration > 0:
         proj = with_expected_arrivals(
             proj,
@@ -247,11 +290,16 @@ def choose_clock(
             hi, best = mid, result
         else:
             lo = mid + 1
+    if sustain > lo:
+        lo = sustain
+        best = _check(proj, table, lo, margin, work, cons)
     chosen = lo
     if proj.horizon == 0:
         reason = "idle: nothing in flight"
     else:
         reason = f"lowest clock meeting every SLO; tightest {best.tightest}"
+        if sustain == lo and sustain > 0:
+            reason = f"backlog: lowest clock keeping up with the arrivals; tightest {best.tightest}"
         if energy_floor and table.has_power:
             # Below the energy-optimal clock a run lasts longer than it saves: never go there.
             # Time a faster clock saves is spent idle (idle power is paid anyway) unless

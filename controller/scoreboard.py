@@ -81,6 +81,7 @@ class Scoreboard:
         self.outcomes_met = 0
         self.outcomes_total = 0
         self._recent: deque[tuple[float, int]] = deque()  # (arrival, prompt tokens)
+        self._finished: deque[tuple[float, int]] = deque()  # (finish, tokens generated)
         self._iteration_s = 0.0
 
     def __len__(self) -> int:
@@ -118,6 +119,7 @@ class Scoreboard:
             return None
         if ev.reason in (Finish.END_ID, Finish.LENGTH, Finish.STOP_WORDS):
             self.predictor.observe(req.prompt_tokens, ev.output_tokens, req.predicted_at_arrival)
+            self._finished.append((ev.time_s, ev.output_tokens))
         if ev.reason in (Finish.CANCELLED, Finish.ERROR):
             return None
         outcome = self._outcome(req, ev)
@@ -166,6 +168,8 @@ class Scoreboard:
         """Arrival rate and mean prompt over the last FORECAST_WINDOW_S seconds."""
         while self._recent and self._recent[0][0] < now_s - FORECAST_WINDOW_S:
             self._recent.popleft()
+        while self._finished and self._finished[0][0] < now_s - FORECAST_WINDOW_S:
+            self._finished.popleft()
         if not self._recent:
             return ArrivalForecast()
         span = max(now_s - self._recent[0][0], FORECAST_MIN_SPAN_S)
@@ -176,6 +180,7 @@ class Scoreboard:
             mean_prompt,
             float(self.predictor.predict(int(mean_prompt), 1 << 20)),
             self._iteration_s,
+            sum(n for _, n in self._finished) / len(self._finished) if self._finished else 0.0,
         )
 
     def attainment(self) -> float:

@@ -114,7 +114,7 @@ def test_the_default_margin_keeps_slack_in_proportion_to_the_time_left() -> None
     exact = choose_clock(0.0, proj, dl, TABLE, margin=EXACT)
     safe = choose_clock(0.0, proj, dl, TABLE)
     assert safe.clock_mhz > exact.clock_mhz
-    assert _time_to_finish(safe.clock_mhz, proj) * 1.05 + 0.05 <= 1.5 + 1e-9
+    assert _time_to_finish(safe.clock_mhz, proj) * 1.1 + 0.05 <= 1.5 + 1e-9
 
 
 def test_a_lost_request_sends_the_clock_to_maximum_under_the_paper_rule() -> None:

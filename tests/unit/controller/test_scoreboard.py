@@ -107,3 +107,21 @@ def test_no_slo_means_infinite_deadlines() -> None:
     sb.on_arrived(Arrived(1, 0.0, 10, 10))
     d = sb.decision_inputs().deadlines
     assert all(math.isinf(v) for v in d.queued_e2e_deadline_s.tolist())
+
+
+def test_the_forecast_measures_arrival_rate_prompts_and_finished_lengths_over_its_window() -> None:
+    sb = _board()
+    assert sb.forecast(0.0).rate_per_s == 0.0
+    for i in range(10):
+        sb.on_arrived(Arrived(i, float(i), prompt_tokens=100 * (i + 1), max_tokens=500))
+    for i, tokens in ((0, 40), (1, 80)):
+        sb.on_finished(Finished(i, 9.0, output_tokens=tokens, reason=Finish.END_ID))
+    # A cancelled request's length says nothing about what arrivals will ask for.
+    sb.on_finished(Finished(2, 9.0, output_tokens=3, reason=Finish.CANCELLED))
+    f = sb.forecast(10.0)
+    assert f.rate_per_s == pytest.approx(10 / 10.0)
+    assert f.mean_prompt_tokens == pytest.approx(550.0)
+    assert f.finished_output_tokens == pytest.approx(60.0)
+    # 40 s later the window (30 s) has forgotten all of it.
+    later = sb.forecast(50.0)
+    assert later.rate_per_s == 0.0 and later.finished_output_tokens == 0.0

@@ -1,0 +1,108 @@
+"""The backlog check: with requests waiting for admission, the clock keeps up with arrivals."""
+
+from __future__ import annotations
+
+import numpy as np
+from test_clock_policy import CLOCKS, TABLE, AnalyticModel
+
+from throttllem.controller.clock_policy import (
+    ArrivalForecast,
+    RequestDeadlines,
+    choose_clock,
+    has_backlog,
+    lowest_sustaining_clock,
+)
+from throttllem.controller.ips_table import IpsTable
+from throttllem.controller.projection import (
+    EngineLimits,
+    QueuedRequests,
+    RunningRequests,
+    project,
+)
+
+FULL = EngineLimits(max_batch_size=16, kv_capacity_blocks=2000, tokens_per_block=64)
+FULL_TABLE = IpsTable(AnalyticModel(), CLOCKS, tp=1, max_batch=16, kv_capacity_blocks=2000)
+
+
+def _full_engine(queued: int) -> tuple:
+    """16 running requests fill the batch; `queued` more wait for a slot. Loose deadlines."""
+    n = 16
+    running = RunningRequests(
+        np.full(n, 600, np.int64), np.arange(20, 20 + 10 * n, 10, dtype=np.int64),
+        np.full(n, 20, np.int64),
+    )  # fmt: skip
+    q = QueuedRequests(
+        np.full(queued, 500, np.int64), np.full(queued, 50, np.int64), np.full(queued, 10, np.int64)
+    )
+    proj = project(running, q, FULL)
+    dl = RequestDeadlines(
+        running_ids=tuple(f"r{i}" for i in range(n)),
+        running_e2e_deadline_s=np.full(n, 1e6),
+        running_tbt_target_s=np.full(n, np.inf),
+        running_first_token_s=np.zeros(n),
+        running_generated=np.full(n, 10, np.int64),
+        queued_ids=tuple(f"q{i}" for i in range(queued)),
+        queued_ttft_deadline_s=np.full(queued, np.inf),
+        queued_e2e_deadline_s=np.full(queued, 1e6),
+        queued_tbt_target_s=np.full(queued, np.inf),
+    )
+    return proj, dl
+
+
+def _utilisation(clock_index: int, batch: int, kv: int, f: ArrivalForecast) -> float:
+    """The same arithmetic, written out from the table's per-iteration seconds."""
+    decode = FULL_TABLE.seconds(clock_index, np.array([batch]), np.array([kv]), np.array([0]))
+    prompt = np.array([int(f.mean_prompt_tokens)])
+    both = FULL_TABLE.seconds(clock_index, np.array([batch]), np.array([kv]), prompt)
+    per_request = float(both[0] - decode[0]) + f.finished_output_tokens * float(decode[0]) / batch
+    return f.rate_per_s * per_request
+
+
+def test_a_full_batch_with_requests_waiting_is_a_backlog() -> None:
+    assert has_backlog(_full_engine(queued=3)[0])
+    assert not has_backlog(_full_engine(queued=0)[0])
+    # A request that enters in the next iteration is only arriving, not waiting.
+    running = RunningRequests(np.full(2, 600, np.int64), np.full(2, 50, np.int64),
+                              np.full(2, 20, np.int64))  # fmt: skip
+    q = QueuedRequests(np.array([500]), np.array([50]), np.array([10]))
+    assert not has_backlog(project(running, q, FULL))
+
+
+def test_the_sustaining_clock_is_the_lowest_whose_utilisation_stays_at_most_one() -> None:
+    f = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120)
+    index = lowest_sustaining_clock(FULL_TABLE, 16, 400, f)
+    assert 0 < index < len(CLOCKS) - 1
+    assert _utilisation(index, 16, 400, f) <= 1.0 < _utilisation(index - 1, 16, 400, f)
+
+
+def test_more_arrivals_need_a_higher_clock_and_too_many_need_the_maximum() -> None:
+    def clock(rate: float) -> int:
+        f = ArrivalForecast(rate_per_s=rate, mean_prompt_tokens=800, finished_output_tokens=120)
+        return lowest_sustaining_clock(FULL_TABLE, 16, 400, f)
+
+    assert clock(3.0) == 0  # even the lowest clock keeps up
+    assert 0 < clock(5.0) < clock(7.0) < clock(9.0)
+    assert clock(100.0) == len(CLOCKS) - 1
+
+
+def test_with_a_backlog_the_clock_keeps_up_with_the_arrivals() -> None:
+    """Deadlines alone allow the lowest clock; the arrivals do not, once requests wait."""
+    forecast = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120)
+    proj, dl = _full_engine(queued=4)
+    kept_up = choose_clock(0.0, proj, dl, FULL_TABLE, forecast=forecast)
+    floor = lowest_sustaining_clock(
+        FULL_TABLE, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast
+    )
+    assert kept_up.clock_mhz == int(FULL_TABLE.clocks_mhz[floor]) > min(CLOCKS)
+    assert "backlog" in kept_up.reason
+    # The same arrivals without a backlog: nothing waits, the deadlines decide alone.
+    proj, dl = _full_engine(queued=0)
+    assert choose_clock(0.0, proj, dl, FULL_TABLE, forecast=forecast).clock_mhz == min(CLOCKS)
+
+
+def test_without_finished_requests_the_predicted_output_length_sizes_the_demand() -> None:
+    predicted = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, mean_output_tokens=120)
+    measured = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120)
+    assert lowest_sustaining_clock(TABLE, 16, 400, predicted) == lowest_sustaining_clock(
+        TABLE, 16, 400, measured
+    )
