@@ -5,7 +5,9 @@ A100-SXM4-40GB, Llama-3-8B TP1 and Llama-2-13B TP2, loads 0.25/0.5/0.75/0.9, SLO
 `paper`, two seeds (seed s: twin noise and model training seed s, and the trace window starting
 s x half the rescaled trace in, so the arrivals differ too). Policies: max, static-best, pid,
 throttllem, oracle, plus `static-matched`: the lowest fixed clock reaching throttllem's own
-attainment, so the two are compared at equal attainment.
+attainment, so the two are compared at equal attainment. Loads are fractions of the engine's
+steady capacity for conv, and of its burst-aware capacity on the trace itself for code (whose
+bursts overload an engine at any fraction of its steady capacity): see capacity.py.
 
 Writes one JSON object per configuration to OUT/matrix.jsonl and prints a summary with each
 goal checked. `python benchmarks/eval_matrix.py [--quick] [--out DIR] [--window S]`.
@@ -21,7 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from throttllem.controller.evaluation.capacity import find_capacity, paper_slo, scale_to_load
+from throttllem.controller.evaluation.capacity import (
+    find_capacity,
+    find_trace_capacity,
+    paper_slo,
+    scale_to_load,
+)
 from throttllem.controller.evaluation.experiment import compare, static_best
 from throttllem.controller.evaluation.report import summarise
 from throttllem.controller.evaluation.simulator import EngineSetup
@@ -41,13 +48,17 @@ def run_one(
     base = EngineSetup(model=model, tp=tp)
     setup = EngineSetup(model=model, tp=tp, seed=seed)
     capacity = find_capacity(base, kind, 0)  # one SLO per engine, whatever the seed
+    arrivals = read_trace(TRACES / trace)
+    if kind == "code":  # its bursts overload any share of the steady capacity: burst-aware
+        capacity = find_trace_capacity(base, arrivals, capacity)
     slo = paper_slo(capacity)
-    whole = scale_to_load(read_trace(TRACES / trace), capacity, load)
+    whole = scale_to_load(arrivals, capacity, load)
     start = seed * whole.duration_s / 2
     work = whole.window(start, window_s).clipped(setup.specs()[1].max_context)
     comparison = compare(work, setup, POLICIES, slo)
     row: dict[str, Any] = {"trace": kind, "model": model, "tp": tp, "load": load, "seed": seed,
-                           "requests": len(work.requests)}  # fmt: skip
+                           "requests": len(work.requests), "capacity_per_s": capacity.rate_per_s,
+                           "e2e_slo_s": capacity.p99_e2e_s}  # fmt: skip
     for name, s in comparison.summaries.items():
         row[name] = {k: getattr(s, k) for k in KEYS}
     ours = comparison.summaries["throttllem"].slo_attainment

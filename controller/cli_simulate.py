@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ def add_parser(sub: Any) -> None:
     sim.add_argument(
         "--slo", default="paper", help="'paper' or a YAML/JSON file with ttft_ms, tbt_ms, e2e_ms"
     )
+    sim.add_argument(
+        "--capacity",
+        choices=("steady", "trace"),
+        default="steady",
+        help="what --load is a fraction of: 'steady' (Poisson arrivals with the trace's length "
+        "mix, default) or 'trace' (burst-aware: the trace's own arrival pattern; for bursty "
+        "traces such as Azure code, which overload an engine at any share of its steady rate)",
+    )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true", help="one JSON object keyed by policy")
     sim.add_argument(
@@ -84,7 +93,9 @@ def load_slo_file(path: Path) -> Slo:
     values: dict[str, float | None] = {}
     for key in ("ttft_ms", "tbt_ms", "e2e_ms"):
         v = data.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+        ):
             raise UsageError(f"--slo {path}: {key} must be a positive number, got {v!r}")
         values[key] = None if v is None else float(v) / 1000.0
     return Slo(values["ttft_ms"], values["tbt_ms"], values["e2e_ms"])
@@ -95,7 +106,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from throttllem.backend.twin.hardware import default_catalog
 
-    from .evaluation.capacity import find_capacity, paper_slo, scale_to_load
+    from .evaluation.capacity import (
+        find_capacity,
+        find_trace_capacity,
+        paper_slo,
+        scale_to_load,
+    )
     from .evaluation.experiment import PolicyError, compare, parse_policies, write_outputs
     from .evaluation.report import format_table
     from .evaluation.simulator import EngineSetup
@@ -112,25 +128,36 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise UsageError(f"--duration must be positive, got {args.duration}")
     try:
-        policies = parse_policies(args.policy)
+        policies = parse_policies(args.policy, gpu.supported_clocks_mhz())
     except PolicyError as e:
         raise UsageError(f"--policy: {e}") from e
     setup = EngineSetup(gpu=gpu.name, model=model.name, tp=args.tp, seed=args.seed)
     kind = workload_kind(args.trace)
+    synthetic_trace = args.trace.startswith("synthetic:")
+    if args.capacity == "trace" and synthetic_trace:
+        raise UsageError("--capacity trace needs a trace file, not a synthetic workload")
     print(
         f"finding the capacity of {model.name} TP{args.tp} on {gpu.name} ({kind} mix; cached)",
         file=sys.stderr,
     )
     capacity = find_capacity(setup, kind, args.seed)
+    if not synthetic_trace:
+        try:
+            trace = read_trace(args.trace)
+        except TraceError as e:
+            raise UsageError(str(e)) from e
+        if args.capacity == "trace":
+            print("finding its burst-aware capacity on this trace (cached)", file=sys.stderr)
+            try:
+                capacity = find_trace_capacity(setup, trace, capacity)
+            except ValueError as e:
+                raise UsageError(f"--capacity trace: {e}") from e
     slo = paper_slo(capacity) if args.slo == "paper" else load_slo_file(Path(args.slo))
-    if args.trace.startswith("synthetic:"):
+    if synthetic_trace:
         duration = args.duration or 600.0
         workload = synthetic(kind, capacity.rate_per_s * args.load, duration, seed=args.seed)
     else:
-        try:
-            workload = read_trace(args.trace)
-        except TraceError as e:
-            raise UsageError(str(e)) from e
+        workload = trace
         # The whole trace is rescaled to the target rate, then --duration seconds are taken.
         workload = scale_to_load(workload, capacity, args.load)
         if args.duration:

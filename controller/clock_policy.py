@@ -176,29 +176,35 @@ class ArrivalForecast:
 BACKLOG_AFTER_ITERATIONS = 2
 
 
-def has_backlog(proj: Projection) -> bool:
-    """Requests wait for admission (a full batch or KV cache), not just for the next iteration."""
+# A backlog is to be served within this time, on top of the arrivals.
+DRAIN_S = 30.0
+
+
+def backlog(proj: Projection) -> int:
+    """Requests waiting for admission (a full batch or KV cache), not just for the next
+    iteration."""
     first = proj.queued_first_iter
-    return bool(np.any((first < 0) | (first > BACKLOG_AFTER_ITERATIONS)))
+    return int(np.count_nonzero((first < 0) | (first > BACKLOG_AFTER_ITERATIONS)))
 
 
 def lowest_sustaining_clock(
-    table: IpsTable, batch: int, kv_blocks: int, forecast: ArrivalForecast
+    table: IpsTable, batch: int, kv_blocks: int, forecast: ArrivalForecast, waiting: int = 0
 ) -> int:
-    """The lowest clock index at which a full engine serves the arrivals as fast as they come.
+    """The lowest clock index at which a full engine keeps up with the arrivals and clears the
+    `waiting` requests within DRAIN_S.
 
-    Each arrival costs its prefill (what an iteration carrying its prompt takes beyond a plain
-    decoding one) plus its output tokens' share of decoding iterations at the current batch:
-    utilisation = rate x (prefill + tokens x iteration / batch), which must not exceed 1. The
-    top index when no clock manages it.
+    Each request costs its prefill (what an iteration carrying its prompt takes beyond a
+    decoding one) and its output tokens' share of decoding iterations at the current batch:
+    (rate + waiting / DRAIN_S) x (prefill + tokens x iteration / batch) must not exceed 1. At
+    exactly the arrival rate a queue does not shrink, and random arrivals grow it: the drain
+    term is what brings it down. The top index when no clock manages it.
     """
-    b = np.array([max(batch, 1)] * 2, dtype=np.int64)
-    kv = np.array([kv_blocks] * 2, dtype=np.int64)
-    ctx = np.array([0, max(int(forecast.mean_prompt_tokens), 1)], dtype=np.int64)
-    seconds = table.seconds_all_clocks(b, kv, ctx)  # (clocks, 2): decode, decode + prefill
+    batch = max(batch, 1)
+    one = np.ones(1, dtype=np.int64)
+    decode = table.seconds_all_clocks(one * batch, one * kv_blocks, one * 0)[:, 0]
+    prefill = table.prefill_seconds(batch, kv_blocks, forecast.mean_prompt_tokens)
     tokens = forecast.finished_output_tokens or forecast.mean_output_tokens
-    per_request = (seconds[:, 1] - seconds[:, 0]) + tokens * seconds[:, 0] / max(batch, 1)
-    utilisation = forecast.rate_per_s * per_request
+    utilisation = (forecast.rate_per_s + waiting / DRAIN_S) * (prefill + tokens * decode / batch)
     ok = np.nonzero(utilisation <= 1.0)[0]
     return int(ok[0]) if ok.size else len(table.clocks_mhz) - 1
 
@@ -238,9 +244,10 @@ def choose_clock(
     # wait grows for every later request, including those not yet arrived whose deadlines no
     # check below can see. So the clock must at least keep up with the arrivals.
     sustain = 0
-    if forecast is not None and forecast.rate_per_s > 0 and has_backlog(proj):
+    waiting = backlog(proj)
+    if forecast is not None and forecast.rate_per_s > 0 and waiting:
         sustain = lowest_sustaining_clock(
-            table, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast
+            table, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast, waiting
         )
     if forecast is not None and forecast.per_iteration > 0:
         proj = with_expected_arrivals(

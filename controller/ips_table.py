@@ -126,6 +126,23 @@ class IpsTable:
         idle = self.idle_power_w * self.tp if above_idle else 0.0
         return (self._power[:, b, k] - idle) * self._gen[:, b, k]
 
+    def prefill_seconds(self, batch: int, kv: int, prompt_tokens: float) -> FloatArray:
+        """What carrying a prompt of `prompt_tokens` adds to an iteration, at every clock:
+        read in one (batch, KV) cell of the prefill table, so its rounding cancels out, and
+        interpolated between prompt-token levels (rounding up to the next level would count
+        up to twice the prefill)."""
+        b = min(int(np.searchsorted(self.coarse_batch, min(batch, self.max_batch))),
+                len(self.coarse_batch) - 1)  # fmt: skip
+        k = int(self._kv_index(self.coarse_kv, np.array([kv]))[0])
+        cell = self._ctx[:, b, k, :]  # (clocks, prompt-token levels)
+        levels = self.ctx_grid.astype(np.float64)
+        p = min(max(prompt_tokens, 0.0), float(levels[-1]))
+        hi = min(int(np.searchsorted(levels, p)), len(levels) - 1)
+        lo = max(hi - 1, 0)
+        w = 0.0 if hi == lo else (p - levels[lo]) / (levels[hi] - levels[lo])
+        with_prompt = cell[:, lo] * (1.0 - w) + cell[:, hi] * w
+        return np.maximum(with_prompt - cell[:, 0], 0.0)
+
     def _kv_index(self, grid: IntArray, kv: IntArray) -> IntArray:
         return np.minimum(np.searchsorted(grid, kv, side="left"), len(grid) - 1)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +55,20 @@ def trained_model(
     return trained
 
 
-def parse_policies(spec: str) -> list[str]:
+def parse_policies(spec: str, supported_mhz: Sequence[int] | None = None) -> list[str]:
     names = [p.strip() for p in spec.split(",") if p.strip()]
     if not names:
         raise PolicyError("no policy given; valid: " + ", ".join(POLICY_NAMES))
     for name in names:
-        if name in POLICY_NAMES or (name.startswith("static:") and name[7:].isdigit()):
+        if name in POLICY_NAMES and name != "static:MHZ":
+            continue
+        if name.startswith("static:") and name[7:].isdigit():
+            if supported_mhz is not None and int(name[7:]) not in supported_mhz:
+                lo, hi = min(supported_mhz), max(supported_mhz)
+                raise PolicyError(
+                    f"'{name}': the GPU does not support {name[7:]} MHz; supported: {lo}..{hi} "
+                    "MHz (see `throttllem twin clocks` or nvidia-smi -q -d SUPPORTED_CLOCKS)"
+                )
             continue
         raise PolicyError(f"unknown policy '{name}'; valid: {', '.join(POLICY_NAMES)}")
     return names

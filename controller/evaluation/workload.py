@@ -96,8 +96,11 @@ def read_trace(path: str | Path) -> Workload:
     except OSError as e:
         raise TraceError(f"{path}: cannot read ({e.strerror})") from e
     rows: list[tuple[float, int, int]] = []
+    lines: list[int] = []  # each row's line in the file, for errors found after parsing
     if first.startswith("TIMESTAMP"):
-        rows = [(t, c, g) for _, t, c, g in _azure_rows(path)]
+        for n, t, c, g in _azure_rows(path):
+            rows.append((t, c, g))
+            lines.append(n)
     elif first.startswith("{"):
         with path.open() as f:
             for line, text in enumerate(f, start=1):
@@ -112,6 +115,7 @@ def read_trace(path: str | Path) -> Workload:
                             int(obj["output_length"]),
                         )
                     )
+                    lines.append(line)
                 except (ValueError, KeyError, TypeError) as e:
                     raise TraceError(f"{path}:{line}: malformed JSON line ({e!r})") from e
     elif first == "arrival_s,prompt_tokens,output_tokens":
@@ -122,6 +126,7 @@ def read_trace(path: str | Path) -> Workload:
                 try:
                     a, p, o = row
                     rows.append((float(a), int(p), int(o)))
+                    lines.append(line)
                 except ValueError as e:
                     raise TraceError(f"{path}:{line}: malformed row {row!r} ({e})") from e
     else:
@@ -131,9 +136,9 @@ def read_trace(path: str | Path) -> Workload:
         )
     if not rows:
         raise TraceError(f"{path}: no requests")
-    for i, (when, prompt, output) in enumerate(rows):
+    for line, (when, prompt, output) in zip(lines, rows, strict=True):
         if prompt < 0 or output < 0 or not math.isfinite(when):
-            raise TraceError(f"{path}: request {i + 1}: negative length or bad time")
+            raise TraceError(f"{path}:{line}: negative length or bad time")
     rows.sort(key=lambda r: r[0])
     t0 = rows[0][0]
     requests = tuple(
@@ -177,11 +182,17 @@ def synthetic(
     spec = SYNTHETIC[kind]
     rng = np.random.default_rng(seed)
     n = max(int(rate_per_s * duration_s * 1.2) + 16, 16)
-    if spec.bursty and not steady:
-        gaps = rng.gamma(CODE_GAMMA_SHAPE, 1.0 / (rate_per_s * CODE_GAMMA_SHAPE), n)
-    else:
-        gaps = rng.exponential(1.0 / rate_per_s, n)
-    times = np.cumsum(gaps)
+
+    def draw() -> npt.NDArray[np.float64]:
+        if spec.bursty and not steady:
+            return rng.gamma(CODE_GAMMA_SHAPE, 1.0 / (rate_per_s * CODE_GAMMA_SHAPE), n)
+        return rng.exponential(1.0 / rate_per_s, n)
+
+    times = np.cumsum(draw())
+    # Bursty gaps vary so much that the first draw can end early: draw on until past the end
+    # (only then, so a workload the first draw covered stays what it was).
+    while times[-1] < duration_s:
+        times = np.concatenate([times, times[-1] + np.cumsum(draw())])
     times = times[times < duration_s]
     k = len(times)
     prompts = _lognormal(rng, *spec.prompt_median_mean, k)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from test_clock_policy import CLOCKS, TABLE, AnalyticModel
+from test_clock_policy import CLOCKS, COL, TABLE, AnalyticModel
 
 from throttllem.controller.clock_policy import (
+    DRAIN_S,
     ArrivalForecast,
     RequestDeadlines,
+    backlog,
     choose_clock,
-    has_backlog,
     lowest_sustaining_clock,
 )
 from throttllem.controller.ips_table import IpsTable
@@ -49,30 +50,47 @@ def _full_engine(queued: int) -> tuple:
     return proj, dl
 
 
-def _utilisation(clock_index: int, batch: int, kv: int, f: ArrivalForecast) -> float:
-    """The same arithmetic, written out from the table's per-iteration seconds."""
-    decode = FULL_TABLE.seconds(clock_index, np.array([batch]), np.array([kv]), np.array([0]))
-    prompt = np.array([int(f.mean_prompt_tokens)])
-    both = FULL_TABLE.seconds(clock_index, np.array([batch]), np.array([kv]), prompt)
-    per_request = float(both[0] - decode[0]) + f.finished_output_tokens * float(decode[0]) / batch
-    return f.rate_per_s * per_request
+def _utilisation(clock: int, batch: int, kv: int, f: ArrivalForecast, waiting: int = 0) -> float:
+    """The same arithmetic, from the analytic model itself (no table): a request costs what its
+    prompt adds to an iteration, plus its tokens' share of decoding iterations."""
+    model = AnalyticModel()
+
+    def seconds(ctx: float) -> float:
+        x = np.zeros((1, 5))
+        for name, value in (("sm_clock_mhz", clock), ("batch_size", batch), ("kv_blocks", kv),
+                            ("ctx_tokens", ctx), ("tp", 1)):  # fmt: skip
+            x[0, COL[name]] = value
+        return float(1.0 / model.predict_ips(x)[0])
+
+    per_request = (seconds(f.mean_prompt_tokens) - seconds(0)) + (
+        f.finished_output_tokens * seconds(0) / batch
+    )
+    return (f.rate_per_s + waiting / DRAIN_S) * per_request
 
 
 def test_a_full_batch_with_requests_waiting_is_a_backlog() -> None:
-    assert has_backlog(_full_engine(queued=3)[0])
-    assert not has_backlog(_full_engine(queued=0)[0])
+    assert backlog(_full_engine(queued=3)[0]) == 3
+    assert backlog(_full_engine(queued=0)[0]) == 0
     # A request that enters in the next iteration is only arriving, not waiting.
     running = RunningRequests(np.full(2, 600, np.int64), np.full(2, 50, np.int64),
                               np.full(2, 20, np.int64))  # fmt: skip
     q = QueuedRequests(np.array([500]), np.array([50]), np.array([10]))
-    assert not has_backlog(project(running, q, FULL))
+    assert backlog(project(running, q, FULL)) == 0
 
 
 def test_the_sustaining_clock_is_the_lowest_whose_utilisation_stays_at_most_one() -> None:
     f = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120)
-    index = lowest_sustaining_clock(FULL_TABLE, 16, 400, f)
-    assert 0 < index < len(CLOCKS) - 1
-    assert _utilisation(index, 16, 400, f) <= 1.0 < _utilisation(index - 1, 16, 400, f)
+    clocks = FULL_TABLE.clocks_mhz
+    for waiting in (0, 60):
+        # KV 0 is a grid point, and the model is linear in prompt tokens: the table is exact.
+        i = lowest_sustaining_clock(FULL_TABLE, 16, 0, f, waiting)
+        assert 0 < i < len(clocks) - 1
+        assert _utilisation(clocks[i], 16, 0, f, waiting) <= 1.0
+        assert _utilisation(clocks[i - 1], 16, 0, f, waiting) > 1.0
+    # Requests already waiting are cleared within DRAIN_S on top of the arrivals: faster.
+    assert lowest_sustaining_clock(FULL_TABLE, 16, 0, f, 60) > lowest_sustaining_clock(
+        FULL_TABLE, 16, 0, f, 0
+    )
 
 
 def test_more_arrivals_need_a_higher_clock_and_too_many_need_the_maximum() -> None:
@@ -91,7 +109,7 @@ def test_with_a_backlog_the_clock_keeps_up_with_the_arrivals() -> None:
     proj, dl = _full_engine(queued=4)
     kept_up = choose_clock(0.0, proj, dl, FULL_TABLE, forecast=forecast)
     floor = lowest_sustaining_clock(
-        FULL_TABLE, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast
+        FULL_TABLE, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast, waiting=backlog(proj)
     )
     assert kept_up.clock_mhz == int(FULL_TABLE.clocks_mhz[floor]) > min(CLOCKS)
     assert "backlog" in kept_up.reason
@@ -106,3 +124,13 @@ def test_without_finished_requests_the_predicted_output_length_sizes_the_demand(
     assert lowest_sustaining_clock(TABLE, 16, 400, predicted) == lowest_sustaining_clock(
         TABLE, 16, 400, measured
     )
+
+
+def test_the_cost_of_a_prompt_is_interpolated_between_prompt_levels() -> None:
+    """Rounding 1100 prompt tokens up to the 2048 level would count almost twice the prefill;
+    the analytic model is linear in prompt tokens, so interpolation is exact."""
+    for prompt in (100.0, 800.0, 1100.0, 3000.0):
+        extra = FULL_TABLE.prefill_seconds(16, 0, prompt)
+        # AnalyticModel: a prompt adds 0.01 ms per token x (1410 / f).
+        expected = 0.01e-3 * prompt * 1410.0 / FULL_TABLE.clocks_mhz
+        assert np.allclose(extra, expected, rtol=1e-6)

@@ -1,0 +1,152 @@
+"""Policy names, the static-best search and the comparison (experiment.py), on small runs:
+llama-3-8b TP1 on A100-SXM4-40GB, ~30 requests over 40 s of virtual time (~0.1 s each)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from throttllem.controller.evaluation.experiment import (
+    POLICY_NAMES,
+    PolicyError,
+    compare,
+    parse_policies,
+    static_best,
+)
+from throttllem.controller.evaluation.policies import MaxClock, StaticClock
+from throttllem.controller.evaluation.report import summarise
+from throttllem.controller.evaluation.simulator import EngineSetup, simulate
+from throttllem.controller.evaluation.workload import Workload, synthetic
+from throttllem.controller.events import Slo
+
+SETUP = EngineSetup(gpu="A100-SXM4-40GB", model="llama-3-8b", tp=1)
+CLOCKS = sorted(SETUP.specs()[0].supported_clocks_mhz())  # ascending, 210..1410 by 15
+# A tight TBT target: attainment climbs from 0 at the lowest clocks to 1 well below the top.
+TIGHT_TBT = Slo(tbt_s=0.03)
+
+
+@pytest.fixture(scope="module")
+def workload() -> Workload:
+    w = synthetic("conv", 1.0, 40.0, seed=1).clipped(SETUP.specs()[1].max_context)
+    assert 20 <= len(w.requests) <= 60
+    return w
+
+
+def _attainment(workload: Workload, mhz: int, slo: Slo) -> float:
+    return summarise(simulate(workload, SETUP, StaticClock(mhz), slo), slo, None).slo_attainment
+
+
+# --- parse_policies ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "names"),
+    [
+        ("max", ["max"]),
+        ("max,throttllem", ["max", "throttllem"]),
+        (" pid , static:1200,, oracle ", ["pid", "static:1200", "oracle"]),
+        ("static-best,static:210", ["static-best", "static:210"]),
+    ],
+)
+def test_valid_policy_names_are_kept_in_order(spec: str, names: list[str]) -> None:
+    assert parse_policies(spec) == names
+
+
+@pytest.mark.parametrize(
+    ("spec", "bad"),
+    [
+        ("max,bogus", "bogus"),
+        ("static", "static"),
+        ("static:", "static:"),
+        ("static:fast", "static:fast"),
+        ("static:-100", "static:-100"),
+        ("MAX", "MAX"),
+    ],
+)
+def test_an_unknown_policy_is_named_with_the_valid_ones(spec: str, bad: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policies(spec)
+    message = str(err.value)
+    assert f"unknown policy '{bad}'" in message
+    assert all(name in message for name in POLICY_NAMES)
+    assert isinstance(err.value, ValueError)
+
+
+def test_the_static_placeholder_itself_is_not_a_policy() -> None:
+    with pytest.raises(PolicyError, match="unknown policy 'static:MHZ'"):
+        parse_policies("max,static:MHZ")
+
+
+@pytest.mark.parametrize("spec", ["", " , ,"])
+def test_no_policy_at_all_is_refused(spec: str) -> None:
+    with pytest.raises(PolicyError, match="no policy given; valid: max"):
+        parse_policies(spec)
+
+
+# --- static_best ---------------------------------------------------------------------------
+
+
+def test_static_best_is_the_lowest_clock_reaching_the_target(workload: Workload) -> None:
+    target = 0.9
+    result, mhz = static_best(workload, SETUP, TIGHT_TBT, target)
+    assert mhz in CLOCKS
+    assert CLOCKS[0] < mhz < CLOCKS[-1]  # the workload and SLO make the search non-trivial
+    assert result.policy == "static-best"
+    reached = summarise(result, TIGHT_TBT, None).slo_attainment
+    assert reached >= target
+    # The result is the run at that clock (the simulation is deterministic).
+    again = simulate(workload, SETUP, StaticClock(mhz), TIGHT_TBT)
+    assert result.energy_j == again.energy_j
+    assert np.array_equal(result.finish_s, again.finish_s)
+    # One step lower misses the target.
+    lower = CLOCKS[CLOCKS.index(mhz) - 1]
+    assert _attainment(workload, lower, TIGHT_TBT) < target
+
+
+def test_static_best_takes_the_lowest_clock_when_every_clock_suffices(
+    workload: Workload,
+) -> None:
+    result, mhz = static_best(workload, SETUP, Slo(e2e_s=3600.0), 1.0)
+    assert mhz == CLOCKS[0]
+    assert summarise(result, Slo(e2e_s=3600.0), None).slo_attainment == 1.0
+
+
+def test_static_best_falls_back_to_the_top_clock_when_none_suffices(workload: Workload) -> None:
+    impossible = Slo(ttft_s=1e-6)
+    result, mhz = static_best(workload, SETUP, impossible, 0.5)
+    assert mhz == CLOCKS[-1]
+    again = simulate(workload, SETUP, StaticClock(CLOCKS[-1]), impossible)
+    assert result.energy_j == again.energy_j
+
+
+# --- compare -------------------------------------------------------------------------------
+
+
+def test_compare_measures_savings_against_max_even_when_max_is_not_asked(
+    workload: Workload,
+) -> None:
+    slo = Slo(tbt_s=0.2)
+    c = compare(workload, SETUP, ["static:1005"], slo)
+    assert list(c.summaries) == ["static:1005"] and list(c.results) == ["static:1005"]
+    base = simulate(workload, SETUP, MaxClock(), slo).energy_j
+    s = c.summaries["static:1005"]
+    assert s.energy_j == c.results["static:1005"].energy_j < base
+    assert s.energy_saving_vs_max == pytest.approx(1.0 - s.energy_j / base)
+    assert s.clock_changes >= 1
+
+
+def test_compare_static_best_matches_the_max_clock_attainment(workload: Workload) -> None:
+    slo = TIGHT_TBT
+    c = compare(workload, SETUP, ["max", "static-best"], slo)
+    assert list(c.summaries) == ["max", "static-best"]
+    assert c.summaries["max"].energy_saving_vs_max == 0.0
+    best = c.summaries["static-best"]
+    assert best.slo_attainment >= min(c.summaries["max"].slo_attainment, 0.99)
+    assert best.energy_j < c.summaries["max"].energy_j
+
+
+def test_an_unsupported_static_clock_is_refused_naming_the_valid_range(
+    workload: Workload,
+) -> None:
+    with pytest.raises(ValueError, match=r"static:1000: not supported.*210\.\.1410 MHz"):
+        compare(workload, SETUP, ["static:1000"], Slo())
