@@ -132,9 +132,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("eval-out"))
-    parser.add_argument(
-        "--window", type=float, default=600.0, help="seconds of conv trace per run"
-    )
+    parser.add_argument("--window", type=float, default=600.0, help="seconds of conv trace per run")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--quick", action="store_true", help="conv, 8B, loads .25/.75, seed 0")
     parser.add_argument("--traces", default="conv,code", help="which traces: conv, code or both")

@@ -67,10 +67,22 @@ class _Constraints:
     end: IntArray
     start: IntArray
     ids: tuple[str, ...]
+    # Guards are not SLOs but caution (the mean TBT if a request ended after the next
+    # iteration): one that even the maximum clock cannot keep is dropped, and loses no request.
+    guard: npt.NDArray[np.bool_]
+
+    def subset(self, keep: npt.NDArray[np.bool_]) -> _Constraints:
+        return _Constraints(
+            self.base_s[keep],
+            self.end[keep],
+            self.start[keep],
+            tuple(i for i, k in zip(self.ids, keep, strict=True) if k),
+            self.guard[keep],
+        )
 
 
 def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Constraints:
-    bases, ends, starts, ids = [], [], [], []
+    bases, ends, starts, ids, guards = [], [], [], [], []
     if dl.running_ids:
         last = proj.running_last_iter + 1
         zero = np.zeros_like(last)
@@ -87,6 +99,8 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
         ends += [last, last, np.minimum(last, 1)]
         starts += [zero, zero, zero]
         ids += list(dl.running_ids) * 3
+        n = len(dl.running_ids)
+        guards += [np.zeros(2 * n, dtype=bool), np.ones(n, dtype=bool)]
     if dl.queued_ids:
         beyond_first = proj.queued_first_iter < 0
         beyond_last = proj.queued_last_iter < 0
@@ -107,15 +121,31 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
         ends += [first, last, last]
         starts += [zero, zero, first]
         ids += list(dl.queued_ids) * 3
+        guards.append(np.zeros(3 * len(dl.queued_ids), dtype=bool))
     if not bases:
         empty = np.zeros(0, dtype=np.int64)
-        return _Constraints(np.zeros(0), empty, empty, ())
+        return _Constraints(np.zeros(0), empty, empty, (), np.zeros(0, dtype=bool))
     return _Constraints(
         np.concatenate(bases).astype(np.float64),
         np.concatenate(ends).astype(np.int64),
         np.concatenate(starts).astype(np.int64),
         tuple(ids),
+        np.concatenate(guards),
     )
+
+
+def _slack(
+    table: IpsTable, clock_index: int, margin: Margin, work: PreparedWork, cons: _Constraints
+) -> tuple[FloatArray, FloatArray, float]:
+    """Each constraint's slack at a clock, the time span it covers, and the next iteration's
+    duration."""
+    tau = table.seconds_prepared(clock_index, work)
+    t = np.empty(tau.shape[0] + 1)
+    t[0] = 0.0
+    np.cumsum(tau, out=t[1:])
+    span = t.take(cons.end) - t.take(cons.start)
+    slack = cons.base_s - span * (1.0 + margin.fraction) - margin.seconds
+    return slack, span, float(tau[0])
 
 
 def _check(
@@ -129,13 +159,7 @@ def _check(
 ) -> _Check:
     if proj.horizon == 0 or not cons.ids:
         return _Check(float("inf"), None, (), 0.0)
-    tau = table.seconds_prepared(clock_index, work)
-    stretch = 1.0 + margin.fraction
-    t = np.empty(tau.shape[0] + 1)
-    t[0] = 0.0
-    np.cumsum(tau, out=t[1:])
-    span = t.take(cons.end) - t.take(cons.start)
-    slack = cons.base_s - span * stretch - margin.seconds
+    slack, span, first = _slack(table, clock_index, margin, work, cons)
     worst = int(np.argmin(slack))
     negative: tuple[str, ...] = ()
     hopeless: tuple[str, ...] = ()
@@ -143,7 +167,7 @@ def _check(
         negative = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(slack < 0)[0]))
         far = slack < -HOPELESS_FRACTION * span
         hopeless = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(far)[0]))
-    return _Check(float(slack[worst]), cons.ids[worst], negative, float(tau[0]), hopeless)
+    return _Check(float(slack[worst]), cons.ids[worst], negative, first, hopeless)
 
 
 # More lost requests than this share of those in flight means overload: maximum clock.
@@ -261,6 +285,9 @@ def choose_clock(
     top = len(clocks) - 1
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
     cons = _constraints(now_s, proj, deadlines)
+    if proj.horizon and cons.guard.any():
+        slack_at_max, _, _ = _slack(table, top, margin, work, cons)
+        cons = cons.subset(~(cons.guard & (slack_at_max < 0)))
     at_max = _check(proj, table, top, margin, work, cons, name_losses=True)
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
@@ -281,13 +308,7 @@ def choose_clock(
         )
     if lost:
         lost_set = set(lost)
-        keep = np.array([i not in lost_set for i in cons.ids], dtype=bool)
-        cons = _Constraints(
-            cons.base_s[keep],
-            cons.end[keep],
-            cons.start[keep],
-            tuple(i for i, k in zip(cons.ids, keep, strict=True) if k),
-        )
+        cons = cons.subset(np.array([i not in lost_set for i in cons.ids], dtype=bool))
         at_max = _check(proj, table, top, margin, work, cons)
     lo, hi, best = 0, top, at_max
     while lo < hi:

@@ -33,6 +33,9 @@ class EngineLimits:
     kv_capacity_blocks: int
     tokens_per_block: int
     admission: Admission = Admission.GUARANTEED_NO_EVICT
+    # Tokens one iteration computes at most (one per generating request, whole prompts of those
+    # entering): a burst's prompts are spread over several iterations. 0: no such limit.
+    max_num_tokens: int = 0
     max_horizon: int = 16384  # iterations; requests beyond it count as not projectable
 
 
@@ -99,7 +102,9 @@ def project(running: RunningRequests, queued: QueuedRequests, limits: EngineLimi
     remaining = np.maximum(running.remaining_tokens.astype(np.int64), 1)
     context = running.context_tokens.astype(np.int64)
     run_end = int(remaining.max()) if remaining.size else 0
-    horizon = min(run_end + int(queued.output_tokens.sum()) + 1, limits.max_horizon)
+    n_q = queued.prompt_tokens.shape[0]
+    # Each queued request may wait an iteration of its own for its prompt to fit.
+    horizon = min(run_end + int(queued.output_tokens.sum()) + n_q + 1, limits.max_horizon)
 
     ends = np.bincount(remaining, minlength=horizon + 1)[:horizon]
     batch = remaining.shape[0] - np.cumsum(ends)  # active in iteration t: remaining > t
@@ -111,7 +116,6 @@ def project(running: RunningRequests, queued: QueuedRequests, limits: EngineLimi
     reserved = reserved.astype(np.int64)
     ctx = np.zeros(horizon, dtype=np.int64)
 
-    n_q = queued.prompt_tokens.shape[0]
     q_first = np.full(n_q, -1, dtype=np.int64)
     q_last = np.full(n_q, -1, dtype=np.int64)
     earliest = 0
@@ -124,6 +128,11 @@ def project(running: RunningRequests, queued: QueuedRequests, limits: EngineLimi
             fits &= reserved[window] + int(queued.reserved_blocks[j]) <= limits.kv_capacity_blocks
         else:
             fits &= kv[window] + int(_ceil_div(prompt + 1, tpb)) <= limits.kv_capacity_blocks
+        if limits.max_num_tokens:
+            # Its whole prompt and a token for everyone generating; a prompt above the limit
+            # alone runs in an iteration without other prompts (chunked).
+            budget = ctx[window] + batch[window] + prompt <= limits.max_num_tokens
+            fits &= budget | (ctx[window] == 0)
         if not fits.any():
             break  # first come first served: nothing after it enters earlier
         start = earliest + int(np.argmax(fits))

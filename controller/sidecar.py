@@ -127,6 +127,7 @@ class Sidecar:
                 Admission.MAX_UTILIZATION
                 if info.scheduler_policy == "MAX_UTILIZATION"
                 else Admission.GUARANTEED_NO_EVICT,
+                max_num_tokens=info.max_num_tokens,
             )
             table = IpsTable(
                 model,

@@ -128,7 +128,12 @@ class ThrottllemPolicy(Policy):
         model = self.model
         if self.oracle or model is None:
             model = TwinOracleModel(ctx.gpu, ctx.model, ctx.setup.tp, ctx.tokens_per_block)
-        limits = EngineLimits(ctx.max_batch_size, ctx.kv_capacity_blocks, ctx.tokens_per_block)
+        limits = EngineLimits(
+            ctx.max_batch_size,
+            ctx.kv_capacity_blocks,
+            ctx.tokens_per_block,
+            max_num_tokens=ctx.max_num_tokens,
+        )
         table = IpsTable(
             model,
             ctx.gpu.supported_clocks_mhz(),

@@ -134,7 +134,7 @@ class ScalingSimulation:
         policy = self.policy_for(size)
         ctx = SimContext(
             setup, gpu, model, self.slo, clocks, ex.limits.max_batch_size,
-            ex.kv.max_num_blocks, ex.kv.tokens_per_block,
+            ex.kv.max_num_blocks, ex.kv.tokens_per_block, ex.limits.max_num_tokens,
         )  # fmt: skip
         policy.start(ctx)
         slot = _Slot(size, ex, gpus, policy, clocks, gpus.total_energy_mj(), at_s)

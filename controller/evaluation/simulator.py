@@ -65,6 +65,7 @@ class SimContext:
     max_batch_size: int
     kv_capacity_blocks: int
     tokens_per_block: int
+    max_num_tokens: int
 
 
 class Policy(ABC):
@@ -179,6 +180,7 @@ def simulate(
         ex.limits.max_batch_size,
         ex.kv.max_num_blocks,
         ex.kv.tokens_per_block,
+        ex.limits.max_num_tokens,
     )
     policy.start(ctx)
     reqs = workload.requests

@@ -9,8 +9,9 @@ Clock rules the twin follows (and that the real GPUs follow closely enough for c
   idle clock (the board's lowest clock).
 - Locked to [min, max]: loaded, it runs at max; idle, at min (a lock keeps the clock up, which is
   why an idle GPU locked high draws more, see power.py).
-- A lock (or reset) takes effect `clock_change_latency_ms` after the call; the SM clock is
-  constant over one iteration, taken at the iteration's start.
+- A lock (or reset) takes effect `clock_change_latency_ms` after the call, also in the middle
+  of an iteration (DVFS does not wait for kernels to end): the work done by then ran at the
+  old clock, the rest at the new one. An iteration reports the clock it started at.
 - Over the power limit the board lowers its own clock one step at a time until it is under the
   limit, and raises it back one step per iteration once there is headroom again.
 """
@@ -249,13 +250,51 @@ class TwinGpu:
             if up.kernel_power_w <= limit_w:
                 self._cap_clock_mhz = min(clock + step, spec.max_sm_clock_mhz)
                 self._last_kernel_w = up.kernel_power_w
-                return up
-        plan = self._time_at(latency_at, clock)
-        while plan.kernel_power_w > limit_w and plan.clock_mhz - step >= spec.min_sm_clock_mhz:
+                return self._changed_midway(latency_at, start_s, up)
+        plan = self._under_limit(latency_at, clock)
+        self._last_kernel_w = plan.kernel_power_w
+        return self._changed_midway(latency_at, start_s, plan)
+
+    def _under_limit(self, latency_at: LatencyAt, clock_mhz: int) -> _Planned:
+        """Timed at `clock_mhz`, or as many steps lower as the power limit needs."""
+        step, floor = self.spec.clock_step_mhz, self.spec.min_sm_clock_mhz
+        plan = self._time_at(latency_at, clock_mhz)
+        while plan.kernel_power_w > self._power_limit_w and plan.clock_mhz - step >= floor:
             plan = self._time_at(latency_at, plan.clock_mhz - step)
             self._cap_clock_mhz = plan.clock_mhz
-        self._last_kernel_w = plan.kernel_power_w
         return plan
+
+    def _changed_midway(self, latency_at: LatencyAt, start_s: float, plan: _Planned) -> _Planned:
+        """`plan` with the rest of its work at the new clock when a requested change takes
+        effect before it ends (a long prefill at a low clock is not held there to its end)."""
+        if not self._pending:
+            return plan
+        at_s, lock = self._pending[0]
+        done_s = at_s - start_s
+        total_s = plan.breakdown.total_ms / 1000.0
+        if not 0.0 < done_s < total_s:
+            return plan
+        target = lock[1] if lock is not None else self.spec.max_sm_clock_mhz
+        clock = min(target, self._cap_clock_mhz)
+        if clock == plan.clock_mhz:
+            return plan
+        rest = self._under_limit(latency_at, clock)
+        share = done_s / total_s  # of the work, done at the old clock
+        rest_s = (1.0 - share) * rest.breakdown.total_ms / 1000.0
+        a, b = plan.breakdown, rest.breakdown
+        w1, w2 = done_s / (done_s + rest_s), rest_s / (done_s + rest_s)
+        blended = LatencyBreakdown(
+            sm_clock_mhz=a.sm_clock_mhz,
+            dense_ms=share * a.dense_ms + (1.0 - share) * b.dense_ms,
+            attention_ms=share * a.attention_ms + (1.0 - share) * b.attention_ms,
+            communication_ms=share * a.communication_ms + (1.0 - share) * b.communication_ms,
+            overhead_ms=share * a.overhead_ms + (1.0 - share) * b.overhead_ms,
+            sm_activity=w1 * a.sm_activity + w2 * b.sm_activity,
+            dram_activity=w1 * a.dram_activity + w2 * b.dram_activity,
+        )
+        power_w = w1 * plan.power_w + w2 * rest.power_w
+        self._last_kernel_w = rest.kernel_power_w
+        return _Planned(plan.clock_mhz, blended, power_w, rest.kernel_power_w)
 
     def _headroom_for_step_up(self, clock_mhz: int, up_mhz: int) -> bool:
         """Would one step up stay under the limit, judging by the last measured power? Scales

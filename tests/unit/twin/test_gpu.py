@@ -81,6 +81,27 @@ def test_clock_change_takes_effect_after_the_latency() -> None:
     assert gpu.locked_clocks_mhz() == (900, 900)
 
 
+def test_a_change_that_takes_effect_mid_iteration_applies_to_the_rest_of_its_work() -> None:
+    """A long prefill does not run to its end at the clock it started at: DVFS does not wait
+    for kernels. The work done before the change ran at the old clock, the rest at the new."""
+    low = make(clock_change_latency_ms=0.0)[0]
+    low.set_locked_clocks(600, 600)
+    high = make(clock_change_latency_ms=0.0)[0]
+    high.set_locked_clocks(1800, 1800)  # power-capped below 1800 for a prefill: as it would be
+    slow, fast = low.run_iteration(prefill_at, 0.0), high.run_iteration(prefill_at, 0.0)
+    slow_s, fast_s = slow.end_s - slow.start_s, fast.end_s - fast.start_s
+    assert slow_s > 0.05  # long enough for a change 10 ms in to matter
+    gpu, t = make(clock_change_latency_ms=10.0)
+    gpu.set_locked_clocks(600, 600)
+    t.advance_to(0.02)
+    gpu.set_locked_clocks(1800, 1800)  # in force at 0.03 s
+    it = gpu.run_iteration(prefill_at, 0.02)
+    assert it.sm_clock_mhz == 600  # the clock it started at
+    expected_s = 0.010 + (1.0 - 0.010 / slow_s) * fast_s
+    assert it.end_s - it.start_s == pytest.approx(expected_s, rel=1e-9)
+    assert slow.power_w < it.power_w < fast.power_w  # a time-weighted mean of the two
+
+
 def test_a_later_request_supersedes_a_pending_one() -> None:
     gpu, t = make(clock_change_latency_ms=10.0)
     gpu.set_locked_clocks(600, 600)
