@@ -79,8 +79,14 @@ def check(rows: list[dict[str, Any]]) -> list[str]:
     held = [r for r in rows if r["max"]["slo_attainment"] >= 0.99]
     ok = all(r["throttllem"]["slo_attainment"] >= 0.99 for r in held)
     worst = min((r["throttllem"]["slo_attainment"] for r in held), default=float("nan"))
-    lines.append(f"attainment >= 99% wherever max holds it ({len(held)} configs): "
-                 f"{'yes' if ok else 'NO'} (lowest {worst:.4f})")  # fmt: skip
+    below = [r for r in held if r["throttllem"]["slo_attainment"] < 0.99]
+    by_trace = ", ".join(
+        f"{t} {sum(r['trace'] == t for r in below)}/{sum(r['trace'] == t for r in held)}"
+        for t in dict.fromkeys(r["trace"] for r in held)
+    )
+    verdict = "yes" if ok else "NO"
+    lines.append(f"attainment >= 99% wherever max holds it ({len(held)} configs): {verdict} "
+                 f"(lowest {worst:.4f}; below 99%: {by_trace})")  # fmt: skip
     conv = [r for r in rows if r["trace"] == "conv"]
     if conv:
         saving = statistics.fmean(r["throttllem"]["energy_saving_vs_max"] for r in conv)

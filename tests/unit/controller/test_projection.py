@@ -111,3 +111,22 @@ def test_nothing_in_flight_projects_an_empty_future() -> None:
         EngineLimits(8, 100, 64),
     )
     assert proj.horizon <= 1 and proj.batch.sum() == 0
+
+
+def test_a_burst_of_prompts_is_spread_over_iterations_by_max_num_tokens() -> None:
+    """TensorRT-LLM computes at most max_num_tokens per iteration (without chunked context a
+    prompt enters whole): five 3,000-token prompts take three iterations, not one of 15,000."""
+    limits = EngineLimits(64, 10_000, 64, max_num_tokens=8192)
+    running = RunningRequests(np.array([100, 100]), np.array([50, 50]), np.array([4, 4]))
+    queued = QueuedRequests(np.full(5, 3000), np.full(5, 20), np.full(5, 50))
+    proj = project(running, queued, limits)
+    assert proj.queued_first_iter.tolist() == [0, 0, 1, 1, 2]
+    assert proj.ctx_tokens[:4].tolist() == [6000, 6000, 3000, 0]
+    assert all((proj.ctx_tokens + proj.batch)[:3] <= 8192)  # prompts + a token per request
+    # Without the limit all five enter at once, as before.
+    unlimited = project(running, queued, EngineLimits(64, 10_000, 64))
+    assert unlimited.queued_first_iter.tolist() == [0] * 5
+    # A prompt longer than the limit runs alone (chunked) rather than never.
+    alone = project(running, QueuedRequests(np.array([9000]), np.array([5]), np.array([150])),
+                    limits)  # fmt: skip
+    assert alone.queued_first_iter.tolist() == [0]
