@@ -34,6 +34,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .shm_regions import python_backend_regions, remove_orphans
+
 logger = logging.getLogger(__name__)
 
 ENV_TRITONSERVER = "TRITONSERVER"
@@ -281,6 +283,7 @@ class TritonServer:
         self._log_verbose = log_verbose
         self._exit_timeout_s = exit_timeout_s
         self._extra_args = extra_args
+        self._regions_before: set[str] = set()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -310,6 +313,7 @@ class TritonServer:
         return [*cmd, *self._extra_args]
 
     def start(self) -> None:
+        self._regions_before = python_backend_regions()
         env = {**os.environ, **self.install.env}
         log = self.log_path.open("ab")
         try:
@@ -399,6 +403,7 @@ class TritonServer:
         # The stubs live in the same group; make sure none outlives the server.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        remove_orphans(self._regions_before)  # what stubs killed while it ran left in /dev/shm
         return proc.returncode
 
 

@@ -18,6 +18,7 @@ from triton_support import BASE_PARAMETERS, LLM, Stream, llm_inputs
 from throttllem.backend.telemetry.discovery import discover
 from throttllem.backend.triton_model.routing_file import write_routing_file
 from throttllem.controller.scaling.switcher import telemetry_in_flight
+from throttllem.controller.shm_regions import python_backend_regions
 from throttllem.controller.triton_launcher import RepositorySpec, running_triton
 
 pytestmark = pytest.mark.integration
@@ -42,6 +43,7 @@ def test_request_on_a_killed_instance_ends_with_one_error_final(tmp_path: Path) 
     params = {**BASE_PARAMETERS, "telemetry_registry_dir": str(registry), "twin_speedup": "0.5",
               "relay_stall_s": "1.5"}  # fmt: skip
     spec = RepositorySpec(parameters=params, models=(), sized={TP1: {}}, routing_file=str(routing))
+    regions_before = python_backend_regions()
     with running_triton(spec, work_dir=tmp_path / "triton", ready_models=(LLM, TP1)) as server:
         metrics_url = f"http://{server.host}:{server.ports.metrics}/metrics"
         stream = Stream(server.grpc_url)
@@ -82,3 +84,6 @@ def test_request_on_a_killed_instance_ends_with_one_error_final(tmp_path: Path) 
         finally:
             stream.client.stop_stream(cancel_requests=True)
             stream.client.close()
+    # The killed stub's shared-memory region was unlinked when the server stopped (nobody else
+    # would: it would hold its memory in /dev/shm until reboot).
+    assert python_backend_regions() - regions_before == set()
