@@ -83,6 +83,7 @@ class Scoreboard:
         self._recent: deque[tuple[float, int]] = deque()  # (arrival, prompt tokens)
         self._finished: deque[tuple[float, int]] = deque()  # (finish, tokens generated)
         self._iteration_s = 0.0
+        self._iterations = 0
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -107,8 +108,11 @@ class Scoreboard:
             req.generated = max(req.generated, ev.tokens)
 
     def on_iteration(self, ev: Iteration) -> None:
-        # Recent mean iteration time (EWMA over ~100 iterations).
-        self._iteration_s += (ev.latency_s - self._iteration_s) * 0.01
+        # Recent mean iteration time (EWMA over ~100 iterations), bias-corrected: started from
+        # zero it would read a tenth of the truth after 10 iterations, and the forecast would
+        # expect a tenth of the prefills while traffic is already heavy.
+        self._iterations += 1
+        self._iteration_s += (ev.latency_s - self._iteration_s) * max(0.01, 1 / self._iterations)
         for req in self.requests.values():
             if req.first_token_s is not None and req.first_token_s < ev.time_s:
                 req.generated = min(req.generated + 1, req.max_tokens)

@@ -125,3 +125,16 @@ def test_the_forecast_measures_arrival_rate_prompts_and_finished_lengths_over_it
     # 40 s later the window (30 s) has forgotten all of it.
     later = sb.forecast(50.0)
     assert later.rate_per_s == 0.0 and later.finished_output_tokens == 0.0
+
+
+def test_the_iteration_time_is_right_from_the_first_iteration() -> None:
+    """Started from zero, a plain moving average would read 1% of the truth after one
+    iteration, and the forecast would expect a hundredth of the prefills of a busy start."""
+    sb = _board()
+    sb.on_arrived(Arrived(1, 0.0, 100, 500))
+    sb.on_iteration(Iteration(0, 0.05, 0.05, 1, 0, 1, 0, 100, 2, 100, 64))
+    assert sb.forecast(1.0).iteration_s == pytest.approx(0.05)
+    for k in range(1, 400):
+        sb.on_iteration(Iteration(k, 0.05 + 0.02 * k, 0.02, 1, 0, 0, 1, 0, 2, 100, 64))
+    # Then it follows the recent iterations (~100 of them).
+    assert sb.forecast(9.0).iteration_s == pytest.approx(0.02, rel=0.05)
