@@ -171,4 +171,8 @@ class IpsTable:
 
     def seconds_all_clocks(self, batch: IntArray, kv: IntArray, ctx: IntArray) -> FloatArray:
         """The same for every clock at once: shape (clocks, iterations)."""
-        return np.stack([self.seconds(i, batch, kv, ctx) for i in range(len(self.clocks_mhz))])
+        work = self.prepare(batch, kv, ctx)
+        out: FloatArray = self._gen_flat[:, work.flat]
+        if work.prefill.size:
+            out[:, work.prefill] = self._ctx_flat[:, work.ctx_flat]
+        return out

@@ -134,3 +134,11 @@ def test_the_cost_of_a_prompt_is_interpolated_between_prompt_levels() -> None:
         # AnalyticModel: a prompt adds 0.01 ms per token x (1410 / f).
         expected = 0.01e-3 * prompt * 1410.0 / FULL_TABLE.clocks_mhz
         assert np.allclose(extra, expected, rtol=1e-6)
+
+
+def test_all_clocks_at_once_equal_each_clock_in_turn() -> None:
+    """The backlog check reads every clock in one gather; it must be the per-clock lookup."""
+    batch, kv, ctx = np.array([3, 16, 5]), np.array([10, 400, 0]), np.array([0, 900, 0])
+    at_once = FULL_TABLE.seconds_all_clocks(batch, kv, ctx)
+    in_turn = [FULL_TABLE.seconds(i, batch, kv, ctx) for i in range(len(FULL_TABLE.clocks_mhz))]
+    assert np.array_equal(at_once, np.stack(in_turn))
