@@ -159,7 +159,14 @@ def _check(
 ) -> _Check:
     if proj.horizon == 0 or not cons.ids:
         return _Check(float("inf"), None, (), 0.0)
-    slack, span, first = _slack(table, clock_index, margin, work, cons)
+    return _verdict(*_slack(table, clock_index, margin, work, cons), cons, name_losses)
+
+
+def _verdict(
+    slack: FloatArray, span: FloatArray, first_s: float, cons: _Constraints, name_losses: bool
+) -> _Check:
+    if not cons.ids:
+        return _Check(float("inf"), None, (), first_s)
     worst = int(np.argmin(slack))
     negative: tuple[str, ...] = ()
     hopeless: tuple[str, ...] = ()
@@ -167,7 +174,7 @@ def _check(
         negative = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(slack < 0)[0]))
         far = slack < -HOPELESS_FRACTION * span
         hopeless = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(far)[0]))
-    return _Check(float(slack[worst]), cons.ids[worst], negative, first, hopeless)
+    return _Check(float(slack[worst]), cons.ids[worst], negative, first_s, hopeless)
 
 
 # More lost requests than this share of those in flight means overload: maximum clock.
@@ -285,10 +292,14 @@ def choose_clock(
     top = len(clocks) - 1
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
     cons = _constraints(now_s, proj, deadlines)
-    if proj.horizon and cons.guard.any():
-        slack_at_max, _, _ = _slack(table, top, margin, work, cons)
-        cons = cons.subset(~(cons.guard & (slack_at_max < 0)))
-    at_max = _check(proj, table, top, margin, work, cons, name_losses=True)
+    at_max = _Check(float("inf"), None, (), 0.0)
+    if proj.horizon and cons.ids:
+        slack, span, first_s = _slack(table, top, margin, work, cons)
+        failed_guard = cons.guard & (slack < 0)
+        if failed_guard.any():
+            keep = ~failed_guard
+            cons, slack, span = cons.subset(keep), slack[keep], span[keep]
+        at_max = _verdict(slack, span, first_s, cons, name_losses=True)
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
     nearly = tuple(r for r in lost if r not in hopeless)
