@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 PREFIX = "triton_python_backend_shm_region_"
 # A region younger than this may belong to a server starting beside ours, created and not yet
-# mapped: left alone.
-MIN_AGE_S = 2.0
+# mapped (microseconds apart): left alone.
+MIN_AGE_S = 0.5
 
 
 def python_backend_regions(shm_dir: Path = SHM_DIR) -> set[str]:

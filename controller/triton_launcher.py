@@ -403,8 +403,20 @@ class TritonServer:
         # The stubs live in the same group; make sure none outlives the server.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        _wait_group_gone(proc.pid, timeout_s=2.0)  # a dying stub still maps its region
         remove_orphans(self._regions_before)  # what stubs killed while it ran left in /dev/shm
         return proc.returncode
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Until no process of the group is left (SIGKILL is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager
