@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TYPING := .build/typing/throttllem
 
-.PHONY: install test test-fast demo bench lint soak clean typing-tree ops-tools
+.PHONY: install test test-fast demo bench eval lint soak clean typing-tree ops-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# The evaluation's acceptance matrix (~13 min per trace on 2 cores; needs ../shared/data).
+eval: $(STAMP)
+	$(PY) benchmarks/eval_matrix.py --traces conv,code --out eval-out
 
 soak: $(STAMP) ops-tools
 	$(PY) -m pytest -q -rP -m soak
