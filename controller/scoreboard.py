@@ -169,7 +169,8 @@ class Scoreboard:
             )
 
     def forecast(self, now_s: float) -> ArrivalForecast:
-        """Arrival rate and mean prompt over the last FORECAST_WINDOW_S seconds."""
+        """Arrival rate, mean prompt and the mean length of the requests finished, over the
+        last FORECAST_WINDOW_S seconds."""
         while self._recent and self._recent[0][0] < now_s - FORECAST_WINDOW_S:
             self._recent.popleft()
         while self._finished and self._finished[0][0] < now_s - FORECAST_WINDOW_S:

@@ -18,6 +18,7 @@ kind and seed, since every evaluation needs them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -109,9 +110,13 @@ def _setup_key(setup: EngineSetup) -> str:
 def find_capacity(setup: EngineSetup, kind: str = "conv", seed: int = 0) -> Capacity:
     """Bisection on the request rate (synthetic `kind` lengths), cached on disk."""
 
+    # Memoised: the bisection has already run the rate it settles on (and a halving bracket
+    # the rate it starts from); each run is a simulation.
+    at = functools.cache(lambda rate: _keeps_up(setup, kind, rate, seed))
+
     def compute() -> Capacity:
-        rate = _bisect(lambda r: _keeps_up(setup, kind, r, seed)[0], 0.05, 1.0)
-        _, p99_e2e, tbt = _keeps_up(setup, kind, rate, seed)
+        rate = _bisect(lambda r: at(r)[0], 0.05, 1.0)
+        _, p99_e2e, tbt = at(rate)
         return Capacity(rate, p99_e2e, tbt)
 
     return _cached(f"{_setup_key(setup)}_{kind}_s{seed}", compute)
@@ -134,6 +139,7 @@ def find_trace_capacity(setup: EngineSetup, trace: Workload, steady: Capacity) -
     _, model = setup.specs()
     clipped = trace.clipped(model.max_context)
 
+    @functools.cache
     def at(rate: float) -> tuple[bool, float, float]:
         return _serves(setup, clipped.scaled_to_rate(rate))
 
