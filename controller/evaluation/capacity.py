@@ -13,7 +13,8 @@ whole trace within the same bounds.
 
 The paper's E2E target is "the p99 E2E of the engine at maximum clock under saturating load":
 here, the p99 E2E of a run at the capacity rate. Results are cached on disk per engine, workload
-kind and seed, since every evaluation needs them.
+kind and seed (a burst-aware one per engine and trace content), since every evaluation needs
+them.
 """
 
 from __future__ import annotations
