@@ -37,6 +37,9 @@ class RequestDeadlines:
     queued_ttft_deadline_s: FloatArray
     queued_e2e_deadline_s: FloatArray
     queued_tbt_target_s: FloatArray
+    # Tokens each running request may still generate if it turns out as short as plausible
+    # (a low quantile of its length); None: one, i.e. it might end after the next iteration.
+    running_shortest_remaining: IntArray | None = None
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,9 @@ class _Constraints:
     end: IntArray
     start: IntArray
     ids: tuple[str, ...]
-    # Guards are not SLOs but caution (the mean TBT if a request ended after the next
-    # iteration): one that even the maximum clock cannot keep is dropped, and loses no request.
+    # Guards are not SLOs but caution: the mean TBT if a request ended as early as it
+    # plausibly can. One that even the maximum clock cannot keep loses no request: it sends
+    # the clock to maximum (choose_clock).
     guard: npt.NDArray[np.bool_]
 
     def subset(self, keep: npt.NDArray[np.bool_]) -> _Constraints:
@@ -88,15 +92,17 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
         zero = np.zeros_like(last)
         gaps = np.maximum(dl.running_generated + proj.running_last_iter, 1)
         # The mean TBT must hold however long the request turns out to be: at its predicted
-        # end, and if it ended after the next iteration (a prediction can be too long, and a
-        # prefill stall hurts a short request most).
-        next_gaps = np.maximum(dl.running_generated, 1)
+        # end, and at its shortest plausible end (a prediction errs long on purpose, and a
+        # prefill stall hurts a short request most: few gaps to spread it over).
+        shortest = dl.running_shortest_remaining
+        early = np.minimum(last, 1 if shortest is None else np.maximum(shortest, 1))
+        early_gaps = np.maximum(dl.running_generated + early - 1, 1)
         bases += [
             dl.running_e2e_deadline_s - now_s,
             dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
-            dl.running_tbt_target_s * next_gaps + dl.running_first_token_s - now_s,
+            dl.running_tbt_target_s * early_gaps + dl.running_first_token_s - now_s,
         ]
-        ends += [last, last, np.minimum(last, 1)]
+        ends += [last, last, early]
         starts += [zero, zero, zero]
         ids += list(dl.running_ids) * 3
         n = len(dl.running_ids)
@@ -293,10 +299,12 @@ def choose_clock(
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
     cons = _constraints(now_s, proj, deadlines)
     at_max = _Check(float("inf"), None, (), 0.0)
+    at_risk: list[str] = []  # guards even the maximum clock cannot keep
     if proj.horizon and cons.ids:
         slack, span, first_s = _slack(table, top, margin, work, cons)
         failed_guard = cons.guard & (slack < 0)
         if failed_guard.any():
+            at_risk = [cons.ids[i] for i in np.nonzero(failed_guard)[0]]
             keep = ~failed_guard
             cons, slack, span = cons.subset(keep), slack[keep], span[keep]
         at_max = _verdict(slack, span, first_s, cons, name_losses=True)
@@ -314,6 +322,20 @@ def choose_clock(
             + (f" ({len(nearly)} nearly saved)" if nearly and lost_fallback != "max" else ""),
             at_max.min_slack_s,
             at_max.tightest,
+            1.0 / max(at_max.first_iteration_s, 1e-9),
+            lost,
+        )
+    # A short request is at stake: every second of stall the maximum clock saves is one it
+    # may need (in a burst, more prompts are coming). Not for a request lost anyway: that
+    # would hold the maximum clock for the rest of its life.
+    guarded = next((r for r in at_risk if r not in set(lost)), None)
+    if guarded is not None:
+        return ClockChoice(
+            int(clocks[top]),
+            f"max: {guarded} would miss its mean TBT even at max clock if it ended as early "
+            "as it plausibly can",
+            at_max.min_slack_s,
+            guarded,
             1.0 / max(at_max.first_iteration_s, 1e-9),
             lost,
         )

@@ -91,8 +91,14 @@ class LengthPredictor:
         max_tokens: npt.NDArray[np.int64],
         generated: npt.NDArray[np.int64],
         hint: npt.NDArray[np.int64],
+        quantile: float | None = None,
     ) -> npt.NDArray[np.int64]:
-        """`predict` for many requests at once (hint <= 0: none); the decision's hot path."""
+        """`predict` for many requests at once (hint <= 0: none); the decision's hot path.
+        `quantile` overrides the predictor's own: a low one says how short a request may turn
+        out."""
+        q = self.quantile if quantile is None else quantile
+        if not 0 < q < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {q}")
         floor = np.minimum(generated + 1, max_tokens)
         out = np.maximum(floor, np.minimum(hint, max_tokens))
         free = hint <= 0
@@ -105,24 +111,22 @@ class LengthPredictor:
             samples = self._buckets[int(b)].array()
             n = samples.shape[0]
             if n < MIN_SAMPLES:
-                prior = np.ceil(np.maximum(self._prior_tokens(), generated[sel] + 1))
+                prior = np.ceil(np.maximum(self._prior_tokens(q), generated[sel] + 1))
                 out[sel] = np.maximum(
                     floor[sel], np.minimum(prior.astype(np.int64), max_tokens[sel])
                 )
                 continue
             longer = np.searchsorted(samples, generated[sel], side="right")
-            pick = np.minimum(longer + (self.quantile * (n - longer)).astype(np.int64), n - 1)
+            pick = np.minimum(longer + (q * (n - longer)).astype(np.int64), n - 1)
             value = np.maximum(floor[sel], np.minimum(samples[pick], max_tokens[sel]))
             out[sel] = np.where(longer == n, max_tokens[sel], value)
         return out
 
-    def _prior_tokens(self) -> float:
-        return PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * NormalDist().inv_cdf(self.quantile))
+    def _prior_tokens(self, quantile: float) -> float:
+        return PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * NormalDist().inv_cdf(quantile))
 
     def _prior(self, generated: int) -> int:
-        z = NormalDist().inv_cdf(self.quantile)
-        value = PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * z)
-        return math.ceil(max(value, generated + 1))
+        return math.ceil(max(self._prior_tokens(self.quantile), generated + 1))
 
     def observe(self, prompt_tokens: int, output_tokens: int, predicted_at_arrival: int) -> None:
         """Learn from a finished request (not from cancelled ones: their length is unknown)."""

@@ -24,6 +24,9 @@ INF = math.inf
 # Arrivals remembered for the forecast, and the shortest span a rate is measured over.
 FORECAST_WINDOW_S = 30.0
 FORECAST_MIN_SPAN_S = 5.0
+# How short a running request may still turn out: this quantile of the lengths seen that are
+# longer than what it has generated (the shortest plausible end, for the clock policy's guard).
+SHORT_QUANTILE = 0.02
 
 
 @dataclass
@@ -208,32 +211,40 @@ class Scoreboard:
 
         many = self.predictor.predict_many
 
-        def predicted(reqs: list[TrackedRequest], generated: bool) -> npt.NDArray[np.int64]:
-            return many(
-                ints([r.prompt_tokens for r in reqs]),
-                ints([r.max_tokens for r in reqs]),
-                ints([r.generated for r in reqs]) if generated else np.zeros(len(reqs), np.int64),
-                ints([r.length_hint or 0 for r in reqs]),
-            )
-
         generated_run = ints([r.generated for r in run])
+        prompt_run = ints([r.prompt_tokens for r in run])
+        lengths_run = (
+            prompt_run,
+            ints([r.max_tokens for r in run]),
+            generated_run,
+            ints([r.length_hint or 0 for r in run]),
+        )
         reserved_run = ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in run])
         running = RunningRequests(
-            ints([r.prompt_tokens for r in run]) + generated_run,
-            np.maximum(predicted(run, True) - generated_run, 1),
+            prompt_run + generated_run,
+            np.maximum(many(*lengths_run) - generated_run, 1),
             reserved_run,
         )
+        prompt_wait = ints([r.prompt_tokens for r in wait])
+        lengths_wait = (
+            prompt_wait,
+            ints([r.max_tokens for r in wait]),
+            np.zeros(len(wait), np.int64),
+            ints([r.length_hint or 0 for r in wait]),
+        )
         queued = QueuedRequests(
-            ints([r.prompt_tokens for r in wait]),
-            predicted(wait, False),
+            prompt_wait,
+            many(*lengths_wait),
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
         )
+        shortest = many(*lengths_run, quantile=SHORT_QUANTILE)
         deadlines = RequestDeadlines(
             running_ids=tuple(r.key for r in run),
             running_e2e_deadline_s=floats([r.e2e_deadline_s for r in run]),
             running_tbt_target_s=floats([r.tbt_target_s for r in run]),
             running_first_token_s=floats([r.first_token_s or 0.0 for r in run]),
             running_generated=generated_run,
+            running_shortest_remaining=np.maximum(shortest - generated_run, 1),
             queued_ids=tuple(r.key for r in wait),
             queued_ttft_deadline_s=floats([r.ttft_deadline_s for r in wait]),
             queued_e2e_deadline_s=floats([r.e2e_deadline_s for r in wait]),

@@ -105,3 +105,17 @@ def test_predict_many_agrees_with_predict() -> None:
         cold.predict(int(a), int(b), int(c))
         for a, b, c in zip(prompts[:50], maxes[:50], generated[:50], strict=True)
     ]
+
+
+def test_a_low_quantile_says_how_short_a_request_may_still_turn_out() -> None:
+    p = _trained(list(range(1, 1001)), quantile=0.9)
+    one = np.array([500]), np.array([4096]), np.array([100]), np.array([0])
+    shortest = int(p.predict_many(*one, quantile=0.02)[0])
+    # Among the lengths above the 100 generated (101..1000), the 2% quantile, not the 90%.
+    assert shortest == pytest.approx(101 + 0.02 * 900, abs=2)
+    assert int(p.predict_many(*one)[0]) == pytest.approx(101 + 0.9 * 900, abs=2)
+    # Before it has learned, the prior's low quantile: shorter than its median.
+    cold = LengthPredictor(quantile=0.9)
+    assert cold.predict_many(*one[:2], np.array([0]), one[3], quantile=0.02)[0] < 129
+    with pytest.raises(ValueError, match="quantile"):
+        p.predict_many(*one, quantile=0.0)

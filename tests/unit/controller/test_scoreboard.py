@@ -138,3 +138,18 @@ def test_the_iteration_time_is_right_from_the_first_iteration() -> None:
         sb.on_iteration(Iteration(k, 0.05 + 0.02 * k, 0.02, 1, 0, 0, 1, 0, 2, 100, 64))
     # Then it follows the recent iterations (~100 of them).
     assert sb.forecast(9.0).iteration_s == pytest.approx(0.02, rel=0.05)
+
+
+def test_running_requests_carry_their_shortest_plausible_remaining_length() -> None:
+    sb = Scoreboard(LengthPredictor(quantile=0.9), DEFAULT, tokens_per_block=64)
+    for k in range(200):  # finished requests of 1..200 tokens teach the predictor
+        sb.predictor.observe(100, k + 1, k + 1)
+    sb.on_arrived(Arrived(1, 0.0, prompt_tokens=100, max_tokens=500))
+    sb.on_first_token(FirstToken(1, 0.2))
+    inputs = sb.decision_inputs()
+    shortest = inputs.deadlines.running_shortest_remaining
+    assert shortest is not None
+    # One generated: among the lengths 2..200, the 2% quantile leaves a few tokens to go; the
+    # prediction the projection uses (the 90% quantile) leaves far more.
+    assert 1 <= int(shortest[0]) <= 6
+    assert int(inputs.running.remaining_tokens[0]) > 150
