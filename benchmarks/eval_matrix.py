@@ -11,7 +11,7 @@ bursts overload an engine at any fraction of its steady capacity): see capacity.
 replays `--window` seconds (600); a code run an eighth of the rescaled trace (~1,100 requests).
 
 Writes one JSON object per configuration to OUT/matrix.jsonl and prints a summary with each
-goal checked. `python benchmarks/eval_matrix.py [--quick] [--out DIR] [--window S]`.
+goal checked. `python benchmarks/eval_matrix.py [--quick] [--out DIR] [--window S] [--start F]`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,13 @@ KEYS = ("energy_j", "tokens_per_joule", "energy_saving_vs_max", "slo_attainment"
 
 
 def run_one(
-    trace: str, model: str, tp: int, load: float, seed: int, window_s: float
+    trace: str,
+    model: str,
+    tp: int,
+    load: float,
+    seed: int,
+    window_s: float,
+    start_share: float | None = None,
 ) -> dict[str, Any]:
     kind = "code" if "code" in trace else "conv"
     base = EngineSetup(model=model, tp=tp)
@@ -55,7 +61,8 @@ def run_one(
         capacity = find_trace_capacity(base, arrivals, capacity)
     slo = paper_slo(capacity)
     whole = scale_to_load(arrivals, capacity, load)
-    start = seed * whole.duration_s / 2
+    # Seed s starts at s/2 of the rescaled trace unless a held-out window is asked for.
+    start = (seed / 2 if start_share is None else start_share) * whole.duration_s
     if kind == "code":
         # Scaled to its burst-aware capacity the code trace runs for hours: take an eighth of
         # it (~1,100 requests), the same requests at every load, only re-timed.
@@ -142,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--quick", action="store_true", help="conv, 8B, loads .25/.75, seed 0")
     parser.add_argument("--traces", default="conv,code", help="which traces: conv, code or both")
+    parser.add_argument(
+        "--start",
+        type=float,
+        default=None,
+        help="every run's window starts at this share of the rescaled trace (a held-out check; "
+        "default: seed / 2)",
+    )
     args = parser.parse_args(argv)
     if not TRACES.is_dir():
         print(f"skipped: no traces at {TRACES} (../shared/data is absent)")
@@ -169,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(done[key])
                         continue
                     t0 = time.monotonic()
-                    row = run_one(trace, model, tp, load, seed, args.window)
+                    row = run_one(trace, model, tp, load, seed, args.window, args.start)
                     row["wall_s"] = time.monotonic() - t0
                     rows.append(row)
                     with path.open("a") as f:
