@@ -328,7 +328,8 @@ def choose_clock(
     # A short request is at stake: every second of stall the maximum clock saves is one it
     # may need (in a burst, more prompts are coming). Not for a request lost anyway: that
     # would hold the maximum clock for the rest of its life.
-    guarded = next((r for r in at_risk if r not in set(lost)), None)
+    lost_set = set(lost)
+    guarded = next((r for r in at_risk if r not in lost_set), None)
     if guarded is not None:
         return ClockChoice(
             int(clocks[top]),
@@ -340,7 +341,6 @@ def choose_clock(
             lost,
         )
     if lost:
-        lost_set = set(lost)
         cons = cons.subset(np.array([i not in lost_set for i in cons.ids], dtype=bool))
         at_max = _check(proj, table, top, margin, work, cons)
     lo, hi, best = 0, top, at_max
