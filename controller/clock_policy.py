@@ -315,15 +315,16 @@ def choose_clock(
     # slower clock would only lengthen the queue every later request waits in.
     in_flight = len(deadlines.running_ids) + len(deadlines.queued_ids)
     overloaded = len(lost) > max(1, OVERLOAD_LOST_SHARE * in_flight)
+
+    def maximum(reason: str, tightest: str | None) -> ClockChoice:
+        ips = 1.0 / max(at_max.first_iteration_s, 1e-9)
+        return ClockChoice(int(clocks[top]), reason, at_max.min_slack_s, tightest, ips, lost)
+
     if (lost and lost_fallback == "max") or nearly or overloaded:
-        return ClockChoice(
-            int(clocks[top]),
+        return maximum(
             f"max: {len(lost)} request(s) miss an SLO even at max clock"
             + (f" ({len(nearly)} nearly saved)" if nearly and lost_fallback != "max" else ""),
-            at_max.min_slack_s,
             at_max.tightest,
-            1.0 / max(at_max.first_iteration_s, 1e-9),
-            lost,
         )
     # A short request is at stake: every second of stall the maximum clock saves is one it
     # may need (in a burst, more prompts are coming). Not for a request lost anyway: that
@@ -331,14 +332,10 @@ def choose_clock(
     lost_set = set(lost)
     guarded = next((r for r in at_risk if r not in lost_set), None)
     if guarded is not None:
-        return ClockChoice(
-            int(clocks[top]),
+        return maximum(
             f"max: {guarded} would miss its mean TBT even at max clock if it ended as early "
             "as it plausibly can",
-            at_max.min_slack_s,
             guarded,
-            1.0 / max(at_max.first_iteration_s, 1e-9),
-            lost,
         )
     if lost:
         cons = cons.subset(np.array([i not in lost_set for i in cons.ids], dtype=bool))

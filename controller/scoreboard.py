@@ -211,30 +211,28 @@ class Scoreboard:
 
         many = self.predictor.predict_many
 
-        generated_run = ints([r.generated for r in run])
-        prompt_run = ints([r.prompt_tokens for r in run])
-        lengths_run = (
-            prompt_run,
-            ints([r.max_tokens for r in run]),
-            generated_run,
-            ints([r.length_hint or 0 for r in run]),
-        )
+        Ints = npt.NDArray[np.int64]
+
+        def lengths(reqs: list[TrackedRequest], generated: bool) -> tuple[Ints, Ints, Ints, Ints]:
+            """predict_many's arguments for these requests."""
+            return (
+                ints([r.prompt_tokens for r in reqs]),
+                ints([r.max_tokens for r in reqs]),
+                ints([r.generated for r in reqs]) if generated else np.zeros(len(reqs), np.int64),
+                ints([r.length_hint or 0 for r in reqs]),
+            )
+
+        lengths_run = lengths(run, True)
+        prompt_run, generated_run = lengths_run[0], lengths_run[2]
         reserved_run = ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in run])
         running = RunningRequests(
             prompt_run + generated_run,
             np.maximum(many(*lengths_run) - generated_run, 1),
             reserved_run,
         )
-        prompt_wait = ints([r.prompt_tokens for r in wait])
-        lengths_wait = (
-            prompt_wait,
-            ints([r.max_tokens for r in wait]),
-            np.zeros(len(wait), np.int64),
-            ints([r.length_hint or 0 for r in wait]),
-        )
         queued = QueuedRequests(
-            prompt_wait,
-            many(*lengths_wait),
+            ints([r.prompt_tokens for r in wait]),
+            many(*lengths(wait, False)),
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
         )
         shortest = many(*lengths_run, quantile=SHORT_QUANTILE)
