@@ -3,13 +3,12 @@
 `choose_clock` is pure: projected future work + per-request deadlines + a compiled performance
 model -> a `ClockChoice` that says why. Feasibility is monotone in the clock (the model is), so a
 binary search over the supported clocks finds the lowest feasible one in log2(N) evaluations.
-`ClockGovernor` adds what a real GPU needs on top: hysteresis, a minimum interval between
-changes, skipping unchanged values, and raising at once when deadlines are threatened.
+What a real GPU needs on top (hysteresis, rate limits) is clock_governor.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -382,39 +381,3 @@ def choose_clock(
         1.0 / max(best.first_iteration_s, 1e-9) if proj.horizon else 0.0,
         lost,
     )
-
-
-@dataclass
-class GovernorConfig:
-    min_interval_s: float = 0.2  # between two lowering changes
-    hysteresis_mhz: int = 30  # ignore lowering by less than this
-    # Raising is never delayed: a late raise costs deadlines, a late lowering only energy.
-
-
-@dataclass
-class ClockGovernor:
-    """Turns each choice into an actuation, or none: rate-limited, hysteretic, idempotent."""
-
-    config: GovernorConfig = field(default_factory=GovernorConfig)
-    current_mhz: int | None = None
-    last_change_s: float = float("-inf")
-    changes: int = 0
-
-    def apply(self, now_s: float, choice: ClockChoice) -> int | None:
-        """The clock to set now, or None to leave the GPU as it is."""
-        target = choice.clock_mhz
-        if target == self.current_mhz:
-            return None
-        if self.current_mhz is not None and target < self.current_mhz:
-            if self.current_mhz - target < self.config.hysteresis_mhz:
-                return None
-            if now_s - self.last_change_s < self.config.min_interval_s:
-                return None
-        self.current_mhz = target
-        self.last_change_s = now_s
-        self.changes += 1
-        return target
-
-    def forget(self) -> None:
-        """The GPU was reset behind our back (clock daemon, restart): next choice is applied."""
-        self.current_mhz = None

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .clock_policy import ClockGovernor, GovernorConfig, Margin, choose_clock
+from .clock_governor import ClockGovernor, GovernorConfig
+from .clock_policy import Margin, choose_clock
 from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
 from .gpu.driver import ClockDriver, WriteOutcome
 from .ips_table import IpsTable

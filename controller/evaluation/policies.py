@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from ..clock_policy import GovernorConfig
+from ..clock_governor import GovernorConfig
 from ..control_loop import ControllerConfig, InstanceController
 from ..events import Event, Iteration
 from ..ips_table import IpsTable

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from throttllem.controller.clock_governor import ClockGovernor, GovernorConfig
 from throttllem.controller.clock_policy import (
     ClockChoice,
-    ClockGovernor,
-    GovernorConfig,
     Margin,
     RequestDeadlines,
     choose_clock,
