@@ -51,6 +51,7 @@ def run_one(
     seed: int,
     window_s: float,
     start_share: float | None = None,
+    prefill_clock: str = "optimal",
 ) -> dict[str, Any]:
     kind = "code" if "code" in trace else "conv"
     base = EngineSetup(model=model, tp=tp)
@@ -68,7 +69,7 @@ def run_one(
         # it (~1,100 requests), the same requests at every load, only re-timed.
         window_s = whole.duration_s / CODE_WINDOW_SHARE
     work = whole.window(start, window_s).clipped(setup.specs()[1].max_context)
-    comparison = compare(work, setup, POLICIES, slo)
+    comparison = compare(work, setup, POLICIES, slo, prefill_clock=prefill_clock)
     row: dict[str, Any] = {"trace": kind, "model": model, "tp": tp, "load": load, "seed": seed,
                            "requests": len(work.requests), "capacity_per_s": capacity.rate_per_s,
                            "e2e_slo_s": capacity.p99_e2e_s}  # fmt: skip
@@ -156,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         help="every run's window starts at this share of the rescaled trace (a held-out check; "
         "default: seed / 2)",
     )
+    parser.add_argument(
+        "--prefill-clock",
+        choices=("optimal", "max"),
+        default="optimal",
+        help="throttllem's and the oracle's clock for iterations that carry prompts",
+    )
     args = parser.parse_args(argv)
     if not TRACES.is_dir():
         print(f"skipped: no traces at {TRACES} (../shared/data is absent)")
@@ -183,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(done[key])
                         continue
                     t0 = time.monotonic()
-                    row = run_one(trace, model, tp, load, seed, args.window, args.start)
+                    row = run_one(
+                        trace, model, tp, load, seed, args.window, args.start, args.prefill_clock
+                    )
                     row["wall_s"] = time.monotonic() - t0
                     rows.append(row)
                     with path.open("a") as f:

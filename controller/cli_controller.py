@@ -41,6 +41,12 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
     "slo_e2e_ms": (float, "default E2E target"),
     "telemetry_timeout_s": (float, "reset clocks after this long without telemetry (default 3)"),
     "observe_only": (bool, "decide and export metrics, never change clocks"),
+    "prefill_clock": (
+        str,
+        "clock for iterations that carry prompts: optimal (default: what the SLOs and the "
+        "energy floor pick) or max while requests decode (short-answer, prompt-heavy "
+        "traffic; docs/controller.md item 7)",
+    ),
     "gpu_idle_power_w": (
         float,
         "per-GPU idle power for the energy floor (default: the twin preset's; real GPUs 0)",
@@ -71,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "slo_e2e_ms": None,
     "telemetry_timeout_s": 3.0,
     "observe_only": False,
+    "prefill_clock": "optimal",
     "gpu_idle_power_w": None,
     "keda_port": 0,
     "keda_host": "127.0.0.1",
@@ -131,6 +138,12 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings[key] = value
     if settings["driver"] not in ("auto", "twin", "nvml", "clockd"):
         raise UsageError(f"driver '{settings['driver']}': valid: auto, twin, nvml, clockd")
+    from .clock_policy import PREFILL_CLOCKS
+
+    if settings["prefill_clock"] not in PREFILL_CLOCKS:
+        raise UsageError(
+            f"prefill_clock '{settings['prefill_clock']}': valid: " + ", ".join(PREFILL_CLOCKS)
+        )
     if settings["driver"] == "clockd" and not settings["clockd_socket"]:
         raise UsageError("--driver clockd needs --clockd-socket")
     for key in ("slo_ttft_ms", "slo_tbt_ms", "slo_e2e_ms", "telemetry_timeout_s"):
@@ -143,6 +156,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_sidecar(settings: dict[str, Any]) -> Any:
+    from .control_loop import ControllerConfig
     from .evaluation.experiment import trained_model
     from .evaluation.simulator import EngineSetup
     from .gpu.clockd_client import ClockdClient
@@ -208,6 +222,7 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
         default_slo=slo,
         telemetry_timeout_s=settings["telemetry_timeout_s"],
         idle_power_w=settings["gpu_idle_power_w"],
+        controller=ControllerConfig(prefill_clock=settings["prefill_clock"]),
     )
     meter = ArrivalRateMeter(models=[settings["model_name"]])
     return Sidecar(config, models, drivers, meter=meter)

@@ -109,6 +109,13 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="controller performance model: auto, oracle, or a .cbm file",
     )
+    p.add_argument(
+        "--prefill-clock",
+        choices=("optimal", "max"),
+        default="optimal",
+        help="the controller's clock for iterations that carry prompts (see `throttllem "
+        "controller --help`)",
+    )
     for name in ("ttft", "tbt", "e2e"):
         p.add_argument(
             f"--slo-{name}-ms",
@@ -135,6 +142,7 @@ def start_controller(
         "slo_tbt_ms": args.slo_tbt_ms,
         "slo_e2e_ms": args.slo_e2e_ms,
         "watch_models": ",".join(watch) or None,
+        "prefill_clock": args.prefill_clock,
     }
     sidecar = build_sidecar(settings)
     if settings["metrics_port"]:

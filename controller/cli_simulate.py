@@ -15,6 +15,10 @@ from .cli_simulate_scaling import add_scaling_arguments, simulate_scaling
 from .cli_twin import UsageError, guarded, resolve_engine
 from .events import Slo
 
+# clock_policy.PREFILL_CLOCKS, spelled out so that parsing does not import numpy (a test
+# keeps the two equal).
+PREFILL_CLOCK_CHOICES = ("optimal", "max")
+
 JSON_KEYS = (
     "energy_j",
     "tokens_per_joule",
@@ -68,6 +72,14 @@ def add_parser(sub: Any) -> None:
         help="what --load is a fraction of: 'steady' (Poisson arrivals with the trace's length "
         "mix, default) or 'trace' (burst-aware: the trace's own arrival pattern; for bursty "
         "traces such as Azure code, which overload an engine at any share of its steady rate)",
+    )
+    sim.add_argument(
+        "--prefill-clock",
+        choices=PREFILL_CLOCK_CHOICES,
+        default="optimal",
+        help="throttllem's clock for iterations that carry prompts: 'optimal' (default: what "
+        "the SLOs and the energy floor pick) or 'max' while requests decode (short-answer, "
+        "prompt-heavy traffic; docs/controller.md item 7)",
     )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true", help="one JSON object keyed by policy")
@@ -181,7 +193,7 @@ def _simulate(args: argparse.Namespace) -> int:
             if message.startswith("simulating") and bar.n < len(policies):
                 bar.update(0)
 
-        comparison = compare(workload, setup, policies, slo, progress)
+        comparison = compare(workload, setup, policies, slo, progress, args.prefill_clock)
         bar.update(len(policies))
     if args.out:
         written = write_outputs(comparison, args.out, slo)

@@ -245,6 +245,14 @@ def lowest_sustaining_clock(
     return int(ok[0]) if ok.size else len(table.clocks_mhz) - 1
 
 
+# "optimal": an iteration carrying prompts runs at the clock the SLOs and the energy floor
+# pick, like any other. "max": at maximum clock while requests decode. For short-answer,
+# prompt-heavy traffic: every prefill stalls everyone decoding, a few-token answer has few
+# gaps to spread the stall over, and a slow prefill pushes those in flight into the next
+# burst's prompts. It buys attainment with energy (docs/controller.md, item 7).
+PREFILL_CLOCKS = ("optimal", "max")
+
+
 @dataclass(frozen=True)
 class Margin:
     """Slack every request must keep: a fraction of the time still to run (the projection and
@@ -264,6 +272,7 @@ def choose_clock(
     lost_fallback: str = "ignore",
     forecast: ArrivalForecast | None = None,
     energy_floor: bool = True,
+    prefill_clock: str = "optimal",
 ) -> ClockChoice:
     """The lowest supported clock meeting every SLO that can still be met.
 
@@ -272,9 +281,15 @@ def choose_clock(
     "ignore" (the default) only a request that is nearly saved keeps the clock at maximum; one
     late by more than HOPELESS_FRACTION of its remaining time is left out of the choice, so a
     hopeless request does not hold every other request at maximum clock for its whole life.
+    `prefill_clock="max"` runs an iteration that carries prompts at maximum clock whenever
+    requests are decoding (PREFILL_CLOCKS).
     """
     if lost_fallback not in ("ignore", "max"):
         raise ValueError(f"lost_fallback must be 'ignore' or 'max', got {lost_fallback!r}")
+    if prefill_clock not in PREFILL_CLOCKS:
+        raise ValueError(f"prefill_clock must be one of {PREFILL_CLOCKS}, got {prefill_clock!r}")
+    # Read before the forecast adds its expected prompts to every iteration.
+    prefill_now = bool(proj.horizon) and int(proj.ctx_tokens[0]) > 0
     margin = margin or Margin()
     # With a backlog, time not spent serving is never recovered while arrivals keep pace: the
     # wait grows for every later request, including those not yet arrived whose deadlines no
@@ -336,6 +351,8 @@ def choose_clock(
             "as it plausibly can",
             guarded,
         )
+    if prefill_clock == "max" and prefill_now and deadlines.running_ids:
+        return maximum("max: prompts enter while requests decode (prefill_clock=max)", None)
     if lost:
         cons = cons.subset(np.array([i not in lost_set for i in cons.ids], dtype=bool))
         at_max = _check(proj, table, top, margin, work, cons)

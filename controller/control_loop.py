@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .clock_governor import ClockGovernor, GovernorConfig
-from .clock_policy import Margin, choose_clock
+from .clock_policy import PREFILL_CLOCKS, Margin, choose_clock
 from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
 from .gpu.driver import ClockDriver, WriteOutcome
 from .ips_table import IpsTable
@@ -61,8 +61,16 @@ class ControllerConfig:
     margin: Margin = field(default_factory=Margin)
     lost_fallback: str = "ignore"  # or "max", the paper's rule (see clock_policy.choose_clock)
     forecast: bool = True  # reserve time for the prefills of requests still to come
+    prefill_clock: str = "optimal"  # or "max" while requests decode (clock_policy.PREFILL_CLOCKS)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     keep_decisions: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.prefill_clock not in PREFILL_CLOCKS:
+            raise ValueError(
+                f"prefill_clock must be one of {', '.join(PREFILL_CLOCKS)}, "
+                f"got {self.prefill_clock!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class InstanceController:
             margin=self.config.margin,
             lost_fallback=self.config.lost_fallback,
             forecast=self.scoreboard.forecast(now_s) if self.config.forecast else None,
+            prefill_clock=self.config.prefill_clock,
         )
         applied = self.governor.apply(now_s, choice)
         if applied is not None:

@@ -74,7 +74,12 @@ def parse_policies(spec: str, supported_mhz: Sequence[int] | None = None) -> lis
     return names
 
 
-def _build(name: str, setup: EngineSetup, progress: Callable[[str], None] | None) -> Policy:
+def _build(
+    name: str,
+    setup: EngineSetup,
+    progress: Callable[[str], None] | None,
+    prefill_clock: str = "optimal",
+) -> Policy:
     if name == "max":
         return MaxClock()
     if name.startswith("static:"):
@@ -82,9 +87,9 @@ def _build(name: str, setup: EngineSetup, progress: Callable[[str], None] | None
     if name == "pid":
         return PidClock()
     if name == "throttllem":
-        return ThrottllemPolicy(trained_model(setup, progress))
+        return ThrottllemPolicy(trained_model(setup, progress), prefill_clock=prefill_clock)
     if name == "oracle":
-        return ThrottllemPolicy(None, name="oracle", oracle=True)
+        return ThrottllemPolicy(None, name="oracle", oracle=True, prefill_clock=prefill_clock)
     raise PolicyError(f"unknown policy '{name}'")
 
 
@@ -114,8 +119,10 @@ def compare(
     policies: list[str],
     slo: Slo,
     progress: Callable[[str], None] | None = None,
+    prefill_clock: str = "optimal",
 ) -> Comparison:
-    """Run every policy on the same arrivals; `max` always runs (it is the baseline)."""
+    """Run every policy on the same arrivals; `max` always runs (it is the baseline).
+    `prefill_clock` is throttllem's and the oracle's (clock_policy.PREFILL_CLOCKS)."""
     order = ["max", *[p for p in policies if p != "max"]]
     results: dict[str, SimResult] = {}
     for name in order:
@@ -126,7 +133,8 @@ def compare(
             results[name], mhz = static_best(workload, setup, slo, min(target, 0.99))
             log.info("static-best: %d MHz", mhz)
         else:
-            results[name] = simulate(workload, setup, _build(name, setup, progress), slo)
+            policy = _build(name, setup, progress, prefill_clock)
+            results[name] = simulate(workload, setup, policy, slo)
     base = results["max"].energy_j
     summaries = {n: summarise(r, slo, base) for n, r in results.items() if n in policies}
     return Comparison({n: results[n] for n in summaries}, summaries)

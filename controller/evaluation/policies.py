@@ -111,6 +111,7 @@ class ThrottllemPolicy(Policy):
         quantile: float = 0.9,
         config: ControllerConfig | None = None,
         marginal_energy: bool = True,
+        prefill_clock: str = "optimal",
     ) -> None:
         self.name = name
         self.marginal_energy = marginal_energy
@@ -118,7 +119,9 @@ class ThrottllemPolicy(Policy):
         self.oracle = oracle
         self.quantile = quantile
         self.config = config or ControllerConfig(
-            decision_period_s=0.25, governor=GovernorConfig(min_interval_s=0.25)
+            decision_period_s=0.25,
+            governor=GovernorConfig(min_interval_s=0.25),
+            prefill_clock=prefill_clock,
         )
 
     def wants_true_lengths(self) -> bool:

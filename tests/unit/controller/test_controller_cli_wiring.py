@@ -83,3 +83,13 @@ def test_watch_models_setting_reaches_the_sidecar(tmp_path: Path) -> None:
     settings = resolve_settings(build_parser().parse_args(["controller", "--config", str(cfg)]))
     assert build_sidecar(settings).watched_models() == ("router", "v1")
     assert build_sidecar(DEFAULTS).config.watch_models == ()
+
+
+def test_prefill_clock_setting_reaches_every_instance_controller() -> None:
+    from throttllem.controller.cli import build_parser
+    from throttllem.controller.cli_controller import resolve_settings
+
+    flags = ["controller", "--prefill-clock", "max"]
+    sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
+    assert sidecar.config.controller.prefill_clock == "max"
+    assert build_sidecar(DEFAULTS).config.controller.prefill_clock == "optimal"

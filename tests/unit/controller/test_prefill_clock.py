@@ -1,0 +1,106 @@
+"""`prefill_clock="max"`: an iteration that carries prompts runs at maximum clock while requests
+decode, whatever the SLOs would allow; otherwise the choice is unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_clock_policy import CLOCKS, LIMITS, TABLE
+
+from throttllem.controller.cli import build_parser
+from throttllem.controller.cli_simulate import PREFILL_CLOCK_CHOICES
+from throttllem.controller.clock_policy import (
+    PREFILL_CLOCKS,
+    ArrivalForecast,
+    RequestDeadlines,
+    choose_clock,
+)
+from throttllem.controller.control_loop import ControllerConfig
+from throttllem.controller.projection import QueuedRequests, RunningRequests, project
+
+NONE = np.zeros(0, np.int64)
+
+
+def _case(decoding: bool, prompt_waiting: bool) -> tuple:
+    """r0 decoding with plenty of slack (its SLOs allow the lowest clock); q0 a 4,000-token
+    prompt entering the next iteration."""
+    n, m = int(decoding), int(prompt_waiting)
+    running = RunningRequests(
+        np.full(n, 600, np.int64), np.full(n, 100, np.int64), np.full(n, 20, np.int64)
+    )
+    queued = QueuedRequests(
+        np.full(m, 4000, np.int64), np.full(m, 50, np.int64), np.full(m, 200, np.int64)
+    )
+    dl = RequestDeadlines(
+        running_ids=("r0",) * n,
+        running_e2e_deadline_s=np.full(n, 1e6),
+        running_tbt_target_s=np.full(n, 0.2),
+        running_first_token_s=np.zeros(n),
+        running_generated=np.ones(n, np.int64),
+        running_shortest_remaining=np.full(n, 60, np.int64),
+        queued_ids=("q0",) * m,
+        queued_ttft_deadline_s=np.full(m, np.inf),
+        queued_e2e_deadline_s=np.full(m, np.inf),
+        queued_tbt_target_s=np.full(m, np.inf),
+    )
+    return project(running, queued, LIMITS), dl
+
+
+def test_a_prompt_entering_while_a_request_decodes_runs_at_max() -> None:
+    proj, dl = _case(decoding=True, prompt_waiting=True)
+    assert choose_clock(0.0, proj, dl, TABLE).clock_mhz == min(CLOCKS)  # the default
+    choice = choose_clock(0.0, proj, dl, TABLE, prefill_clock="max")
+    assert choice.clock_mhz == max(CLOCKS)
+    assert "prefill_clock=max" in choice.reason
+
+
+@pytest.mark.parametrize(("decoding", "prompt_waiting"), [(False, True), (True, False)])
+def test_without_both_a_prompt_and_a_decoding_request_the_choice_is_unchanged(
+    decoding: bool, prompt_waiting: bool
+) -> None:
+    proj, dl = _case(decoding, prompt_waiting)
+    default = choose_clock(0.0, proj, dl, TABLE)
+    assert choose_clock(0.0, proj, dl, TABLE, prefill_clock="max") == default
+    assert default.clock_mhz < max(CLOCKS)
+
+
+def test_expected_arrivals_are_not_a_prompt_entering() -> None:
+    # The forecast spreads prompts still to come over every projected iteration; only a prompt
+    # that has arrived makes the next iteration a prefill.
+    proj, dl = _case(decoding=True, prompt_waiting=False)
+    forecast = ArrivalForecast(
+        rate_per_s=2.0, mean_prompt_tokens=2000, mean_output_tokens=100, iteration_s=0.03
+    )
+    choice = choose_clock(0.0, proj, dl, TABLE, forecast=forecast, prefill_clock="max")
+    assert choice.clock_mhz < max(CLOCKS)
+    assert "prefill_clock" not in choice.reason
+
+
+def test_a_wrong_value_names_the_setting() -> None:
+    proj, dl = _case(decoding=True, prompt_waiting=True)
+    with pytest.raises(ValueError, match="prefill_clock must be one of"):
+        choose_clock(0.0, proj, dl, TABLE, prefill_clock="fast")
+    with pytest.raises(ValueError, match="prefill_clock must be one of optimal, max"):
+        ControllerConfig(prefill_clock="fast")
+
+
+@pytest.mark.parametrize("command", [["serve"], ["simulate", "--trace", "synthetic:conv"]])
+def test_the_command_lines_take_exactly_the_policy_values(command: list[str]) -> None:
+    assert PREFILL_CLOCK_CHOICES == PREFILL_CLOCKS
+    parser = build_parser()
+    for value in PREFILL_CLOCKS:
+        assert parser.parse_args([*command, "--prefill-clock", value]).prefill_clock == value
+    assert parser.parse_args(command).prefill_clock == "optimal"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--prefill-clock", "fast"])
+
+
+def test_simulate_hands_the_setting_to_the_controller_in_the_loop() -> None:
+    from throttllem.controller.evaluation.experiment import _build
+    from throttllem.controller.evaluation.policies import ThrottllemPolicy
+    from throttllem.controller.evaluation.simulator import EngineSetup
+
+    policy = _build("oracle", EngineSetup(), None, "max")
+    assert isinstance(policy, ThrottllemPolicy) and policy.config.prefill_clock == "max"
+    default = _build("oracle", EngineSetup(), None)
+    assert isinstance(default, ThrottllemPolicy) and default.config.prefill_clock == "optimal"
