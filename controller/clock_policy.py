@@ -8,11 +8,13 @@ What a real GPU needs on top (hysteresis, rate limits) is clock_governor.py's.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from .backlog_check import ArrivalForecast, backlog, lowest_sustaining_clock
 from .ips_table import IpsTable, PreparedWork
 from .projection import Projection, with_expected_arrivals
 
@@ -41,6 +43,18 @@ class RequestDeadlines:
     running_shortest_remaining: IntArray | None = None
 
 
+class ChoiceKind(str, enum.Enum):
+    """What decided the clock, in a few values a dashboard can count (`reason` says it in words)."""
+
+    IDLE = "idle"  # nothing in flight
+    SLO = "slo"  # the lowest clock meeting every SLO
+    ENERGY_FLOOR = "energy_floor"  # the SLOs allow less, the energy-optimal clock is higher
+    BACKLOG = "backlog"  # keeping up with the arrivals while requests wait
+    MAX_LOST = "max_lost"  # requests miss an SLO even at max clock (nearly saved, overload)
+    MAX_GUARD = "max_guard"  # a short request's guard even max clock cannot keep
+    MAX_PREFILL = "max_prefill"  # prefill_clock=max: prompts enter while requests decode
+
+
 @dataclass(frozen=True)
 class ClockChoice:
     clock_mhz: int
@@ -49,6 +63,7 @@ class ClockChoice:
     tightest_request: str | None
     predicted_ips: float  # for the next iteration at the chosen clock
     lost_requests: tuple[str, ...] = ()
+    kind: ChoiceKind = ChoiceKind.SLO
 
 
 @dataclass(frozen=True)
@@ -189,62 +204,6 @@ OVERLOAD_LOST_SHARE = 0.05
 HOPELESS_FRACTION = 0.1
 
 
-@dataclass(frozen=True)
-class ArrivalForecast:
-    """Requests expected to arrive while those in flight run: their prefills will stall the
-    decoding of everyone in flight, and more so at a low clock (prefill is compute-bound)."""
-
-    rate_per_s: float = 0.0
-    mean_prompt_tokens: float = 0.0
-    mean_output_tokens: float = 0.0  # predicted (conservative): sizes the projected load
-    iteration_s: float = 0.0  # recent mean iteration time: turns the rate into per iteration
-    # Mean tokens the recently finished requests generated (0: none finished yet): what the
-    # arrivals will ask of the engine on average, for the backlog check.
-    finished_output_tokens: float = 0.0
-
-    @property
-    def per_iteration(self) -> float:
-        return self.rate_per_s * self.iteration_s
-
-
-# A queued request the projection cannot admit within this many iterations waits for a slot or
-# for KV blocks: the engine is at its limit and its throughput is set by the clock.
-BACKLOG_AFTER_ITERATIONS = 2
-
-
-# A backlog is to be served within this time, on top of the arrivals.
-DRAIN_S = 30.0
-
-
-def backlog(proj: Projection) -> int:
-    """Requests waiting for admission (a full batch or KV cache), not just for the next
-    iteration."""
-    first = proj.queued_first_iter
-    return int(np.count_nonzero((first < 0) | (first > BACKLOG_AFTER_ITERATIONS)))
-
-
-def lowest_sustaining_clock(
-    table: IpsTable, batch: int, kv_blocks: int, forecast: ArrivalForecast, waiting: int = 0
-) -> int:
-    """The lowest clock index at which a full engine keeps up with the arrivals and clears the
-    `waiting` requests within DRAIN_S.
-
-    Each request costs its prefill (what an iteration carrying its prompt takes beyond a
-    decoding one) and its output tokens' share of decoding iterations at the current batch:
-    (rate + waiting / DRAIN_S) x (prefill + tokens x iteration / batch) must not exceed 1. At
-    exactly the arrival rate a queue does not shrink, and random arrivals grow it: the drain
-    term is what brings it down. The top index when no clock manages it.
-    """
-    batch = max(batch, 1)
-    one = np.ones(1, dtype=np.int64)
-    decode = table.seconds_all_clocks(one * batch, one * kv_blocks, one * 0)[:, 0]
-    prefill = table.prefill_seconds(batch, kv_blocks, forecast.mean_prompt_tokens)
-    tokens = forecast.finished_output_tokens or forecast.mean_output_tokens
-    utilisation = (forecast.rate_per_s + waiting / DRAIN_S) * (prefill + tokens * decode / batch)
-    ok = np.nonzero(utilisation <= 1.0)[0]
-    return int(ok[0]) if ok.size else len(table.clocks_mhz) - 1
-
-
 # "optimal": an iteration carrying prompts runs at the clock the SLOs and the energy floor
 # pick, like any other. "max": at maximum clock while requests decode. For short-answer,
 # prompt-heavy traffic: every prefill stalls everyone decoding, a few-token answer has few
@@ -330,15 +289,17 @@ def choose_clock(
     in_flight = len(deadlines.running_ids) + len(deadlines.queued_ids)
     overloaded = len(lost) > max(1, OVERLOAD_LOST_SHARE * in_flight)
 
-    def maximum(reason: str, tightest: str | None) -> ClockChoice:
+    def maximum(reason: str, tightest: str | None, kind: ChoiceKind) -> ClockChoice:
         ips = 1.0 / max(at_max.first_iteration_s, 1e-9)
-        return ClockChoice(int(clocks[top]), reason, at_max.min_slack_s, tightest, ips, lost)
+        top_mhz = int(clocks[top])
+        return ClockChoice(top_mhz, reason, at_max.min_slack_s, tightest, ips, lost, kind)
 
     if (lost and lost_fallback == "max") or nearly or overloaded:
         return maximum(
             f"max: {len(lost)} request(s) miss an SLO even at max clock"
             + (f" ({len(nearly)} nearly saved)" if nearly and lost_fallback != "max" else ""),
             at_max.tightest,
+            ChoiceKind.MAX_LOST,
         )
     # A short request is at stake: every second of stall the maximum clock saves is one it
     # may need (in a burst, more prompts are coming). Not for a request lost anyway: that
@@ -350,9 +311,11 @@ def choose_clock(
             f"max: {guarded} would miss its mean TBT even at max clock if it ended as early "
             "as it plausibly can",
             guarded,
+            ChoiceKind.MAX_GUARD,
         )
     if prefill_clock == "max" and prefill_now and deadlines.running_ids:
-        return maximum("max: prompts enter while requests decode (prefill_clock=max)", None)
+        reason = "max: prompts enter while requests decode (prefill_clock=max)"
+        return maximum(reason, None, ChoiceKind.MAX_PREFILL)
     if lost:
         cons = cons.subset(np.array([i not in lost_set for i in cons.ids], dtype=bool))
         at_max = _check(proj, table, top, margin, work, cons)
@@ -367,13 +330,14 @@ def choose_clock(
     if sustain > lo:
         lo = sustain
         best = _check(proj, table, lo, margin, work, cons)
-    chosen = lo
+    chosen, kind = lo, ChoiceKind.SLO
     if proj.horizon == 0:
-        reason = "idle: nothing in flight"
+        reason, kind = "idle: nothing in flight", ChoiceKind.IDLE
     else:
         reason = f"lowest clock meeting every SLO; tightest {best.tightest}"
         if sustain == lo and sustain > 0:
             reason = f"backlog: lowest clock keeping up with the arrivals; tightest {best.tightest}"
+            kind = ChoiceKind.BACKLOG
         if energy_floor and table.has_power:
             # Below the energy-optimal clock a run lasts longer than it saves: never go there.
             # Time a faster clock saves is spent idle (idle power is paid anyway) unless
@@ -383,13 +347,15 @@ def choose_clock(
             )
             optimal = lo + int(np.argmin(energy[lo:]))
             if optimal > lo:
-                chosen = optimal
+                chosen, kind = optimal, ChoiceKind.ENERGY_FLOOR
                 reason = (
                     f"energy-optimal clock (SLOs allow {int(clocks[lo])} MHz); "
                     f"tightest {best.tightest}"
                 )
         if lost:
             reason += f"; {len(lost)} request(s) lost even at max clock, left out"
+    if not in_flight:  # the projection still has its one empty iteration, floored as any other
+        reason, kind = "idle: nothing in flight", ChoiceKind.IDLE
     return ClockChoice(
         int(clocks[chosen]),
         reason,
@@ -397,4 +363,5 @@ def choose_clock(
         best.tightest,
         1.0 / max(best.first_iteration_s, 1e-9) if proj.horizon else 0.0,
         lost,
+        kind,
     )

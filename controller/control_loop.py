@@ -88,6 +88,7 @@ class Decision:
     running: int
     queued: int
     trigger: str
+    kind: str = "slo"  # clock_policy.ChoiceKind's value: what decided the clock
 
 
 class InstanceController:
@@ -190,6 +191,7 @@ class InstanceController:
             running=running,
             queued=queued,
             trigger=trigger,
+            kind=choice.kind.value,
         )
         self.decisions.append(decision)
         self._due = None

@@ -94,6 +94,15 @@ class ControllerMetrics:
         self.decisions = Counter(
             "throttllem_decisions", "Clock decisions taken", [*lab, "trigger"], registry=r
         )
+        # Time under each kind of choice, so a dashboard shows why the clock is where it is.
+        self.choice_seconds = Counter(
+            "throttllem_clock_choice_seconds",
+            "Controller seconds (engine time) spent under each kind of clock choice: idle, slo, "
+            "energy_floor, backlog, max_lost, max_guard, max_prefill",
+            [*lab, "why"],
+            registry=r,
+        )
+        self._last_choice: dict[str, tuple[float, str]] = {}
         self.lost = Counter(
             "throttllem_lost_request_decisions",
             "Decisions that went to max clock because a request was lost",
@@ -147,6 +156,10 @@ class ControllerMetrics:
         self.in_flight.labels(instance).set(decision.running)
         self.queued.labels(instance).set(decision.queued)
         self.decisions.labels(instance, decision.trigger).inc()
+        last = self._last_choice.get(instance)
+        if last is not None and decision.time_s > last[0]:
+            self.choice_seconds.labels(instance, last[1]).inc(decision.time_s - last[0])
+        self._last_choice[instance] = (decision.time_s, decision.kind)
         self.decision_seconds.labels(instance).observe(wall_s)
         if decision.applied_mhz is not None:
             self.clock_changes.labels(instance).inc()
@@ -198,6 +211,7 @@ class ControllerMetrics:
             with contextlib.suppress(KeyError):
                 gauge.remove(instance)
         self.set_slo_targets(instance, None, None, None)
+        self._last_choice.pop(instance, None)  # its next decision starts a new span
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

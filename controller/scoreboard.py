@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .clock_policy import ArrivalForecast, RequestDeadlines
+from .backlog_check import ArrivalForecast
+from .clock_policy import RequestDeadlines
 from .events import Arrived, Finish, Finished, FirstToken, InFlight, Iteration, Slo
 from .length_predictor import LengthPredictor
 from .projection import QueuedRequests, RunningRequests

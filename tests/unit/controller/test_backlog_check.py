@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 from test_clock_policy import CLOCKS, COL, TABLE, AnalyticModel
 
-from throttllem.controller.clock_policy import (
+from throttllem.controller.backlog_check import (
     DRAIN_S,
     ArrivalForecast,
-    RequestDeadlines,
     backlog,
-    choose_clock,
     lowest_sustaining_clock,
 )
+from throttllem.controller.clock_policy import ChoiceKind, RequestDeadlines, choose_clock
 from throttllem.controller.ips_table import IpsTable
 from throttllem.controller.projection import (
     EngineLimits,
@@ -112,7 +111,7 @@ def test_with_a_backlog_the_clock_keeps_up_with_the_arrivals() -> None:
         FULL_TABLE, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast, waiting=backlog(proj)
     )
     assert kept_up.clock_mhz == int(FULL_TABLE.clocks_mhz[floor]) > min(CLOCKS)
-    assert "backlog" in kept_up.reason
+    assert "backlog" in kept_up.reason and kept_up.kind is ChoiceKind.BACKLOG
     # The same arrivals without a backlog: nothing waits, the deadlines decide alone.
     proj, dl = _full_engine(queued=0)
     assert choose_clock(0.0, proj, dl, FULL_TABLE, forecast=forecast).clock_mhz == min(CLOCKS)

@@ -7,6 +7,7 @@ import pytest
 
 from throttllem.controller.clock_governor import ClockGovernor, GovernorConfig
 from throttllem.controller.clock_policy import (
+    ChoiceKind,
     ClockChoice,
     Margin,
     RequestDeadlines,
@@ -121,7 +122,7 @@ def test_a_lost_request_sends_the_clock_to_maximum_under_the_paper_rule() -> Non
     assert choice.clock_mhz == 1410
     assert choice.min_slack_s < 0
     assert set(choice.lost_requests) == {f"r{i}" for i in range(16)}
-    assert choice.reason.startswith("max:")
+    assert choice.reason.startswith("max:") and choice.kind is ChoiceKind.MAX_LOST
 
 
 def test_by_default_a_lost_request_is_left_out_and_the_rest_still_throttle() -> None:
@@ -132,7 +133,7 @@ def test_by_default_a_lost_request_is_left_out_and_the_rest_still_throttle() -> 
     choice = choose_clock(0.0, proj, dl, TABLE)
     assert choice.lost_requests == ("r3",)
     assert choice.clock_mhz == 210
-    assert "left out" in choice.reason
+    assert "left out" in choice.reason and choice.kind is ChoiceKind.SLO
     with pytest.raises(ValueError, match="lost_fallback"):
         choose_clock(0.0, proj, dl, TABLE, lost_fallback="pray")
 
@@ -184,7 +185,13 @@ def test_governor_skips_unchanged_and_rate_limits_lowering_but_not_raising() -> 
 @pytest.mark.parametrize("n", [1, 64])
 def test_idle_or_busy_choices_are_reasoned(n: int) -> None:
     proj, dl = _scenario(e2e_s=1000.0, n=n)
-    assert "SLO" in choose_clock(0.0, proj, dl, TABLE).reason
+    busy = choose_clock(0.0, proj, dl, TABLE)
+    assert "SLO" in busy.reason and busy.kind is ChoiceKind.SLO
+
+
+def test_nothing_in_flight_is_an_idle_choice() -> None:
+    idle = choose_clock(0.0, *_scenario(e2e_s=1000.0, n=0), TABLE)
+    assert idle.kind is ChoiceKind.IDLE and idle.reason.startswith("idle")
 
 
 def test_many_lost_requests_mean_overload_and_maximum_clock() -> None:
@@ -194,7 +201,7 @@ def test_many_lost_requests_mean_overload_and_maximum_clock() -> None:
     dl = RequestDeadlines(**{**dl.__dict__, "running_e2e_deadline_s": late})
     choice = choose_clock(0.0, proj, dl, TABLE)
     assert choice.clock_mhz == 1410
-    assert len(choice.lost_requests) == 4
+    assert len(choice.lost_requests) == 4 and choice.kind is ChoiceKind.MAX_LOST
 
 
 class PoweredModel(AnalyticModel):
@@ -219,8 +226,9 @@ def test_the_energy_floor_weighs_only_power_above_idle() -> None:
     by_whole = choose_clock(0.0, proj, dl, whole, margin=EXACT)
     by_marginal = choose_clock(0.0, proj, dl, marginal, margin=EXACT)
     no_floor = choose_clock(0.0, proj, dl, whole, margin=EXACT, energy_floor=False)
-    assert no_floor.clock_mhz == min(CLOCKS)
+    assert no_floor.clock_mhz == min(CLOCKS) and no_floor.kind is ChoiceKind.SLO
     assert min(CLOCKS) < by_marginal.clock_mhz < by_whole.clock_mhz
+    assert by_marginal.kind is by_whole.kind is ChoiceKind.ENERGY_FLOOR
     for table, choice in ((whole, by_whole), (marginal, by_marginal)):
         energy = table.energy_per_iteration_j(16, 16 * 11)
         assert table.clocks_mhz[int(np.argmin(energy))] == choice.clock_mhz

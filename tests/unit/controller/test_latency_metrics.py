@@ -1,9 +1,11 @@
-"""The controller's per-request latency histograms and SLO target gauges (dashboard contract)."""
+"""The controller's per-request latency histograms, SLO target gauges and the time under each
+kind of clock choice (dashboard contract)."""
 
 from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from throttllem.controller.control_loop import Decision
 from throttllem.controller.metrics import (
     E2E_BUCKETS_S,
     TBT_BUCKETS_S,
@@ -72,3 +74,23 @@ def test_exposition_names_and_buckets() -> None:
         assert list(buckets) == sorted(buckets) and len(set(buckets)) == len(buckets)
     # The paper's mean-TBT target (200 ms) is a bucket edge, so "share under target" is exact.
     assert 0.2 in TBT_BUCKETS_S
+
+
+def _decision(t: float, kind: str) -> Decision:
+    return Decision(t, 900, None, kind, 1.0, None, None, 0, 1, 0, "period", kind)
+
+
+def test_time_under_each_kind_of_choice_is_credited_to_the_choice_in_force() -> None:
+    m = ControllerMetrics()
+    for t, kind in ((0.0, "slo"), (2.0, "max_prefill"), (2.5, "idle"), (4.0, "slo")):
+        m.record("i", _decision(t, kind), 0.0005)
+
+    def seconds(why: str) -> float | None:
+        return sample(m, "throttllem_clock_choice_seconds_total", {"instance": "i", "why": why})
+
+    assert (seconds("slo"), seconds("max_prefill"), seconds("idle")) == (2.0, 0.5, 1.5)
+    # An instance that went away and came back: the gap is nobody's.
+    m.forget_instance("i")
+    m.record("i", _decision(100.0, "backlog"), 0.0005)
+    m.record("i", _decision(101.0, "slo"), 0.0005)
+    assert (seconds("slo"), seconds("backlog")) == (2.0, 1.0)

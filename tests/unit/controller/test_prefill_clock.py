@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from test_clock_policy import CLOCKS, LIMITS, TABLE
 
+from throttllem.controller.backlog_check import ArrivalForecast
 from throttllem.controller.cli import build_parser
 from throttllem.controller.cli_simulate import PREFILL_CLOCK_CHOICES
 from throttllem.controller.clock_policy import (
     PREFILL_CLOCKS,
-    ArrivalForecast,
+    ChoiceKind,
     RequestDeadlines,
     choose_clock,
 )
@@ -51,7 +52,7 @@ def test_a_prompt_entering_while_a_request_decodes_runs_at_max() -> None:
     assert choose_clock(0.0, proj, dl, TABLE).clock_mhz == min(CLOCKS)  # the default
     choice = choose_clock(0.0, proj, dl, TABLE, prefill_clock="max")
     assert choice.clock_mhz == max(CLOCKS)
-    assert "prefill_clock=max" in choice.reason
+    assert "prefill_clock=max" in choice.reason and choice.kind is ChoiceKind.MAX_PREFILL
 
 
 @pytest.mark.parametrize(("decoding", "prompt_waiting"), [(False, True), (True, False)])

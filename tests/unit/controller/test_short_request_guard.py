@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from test_clock_policy import CLOCKS, LIMITS, TABLE
 
-from throttllem.controller.clock_policy import RequestDeadlines, choose_clock
+from throttllem.controller.clock_policy import ChoiceKind, RequestDeadlines, choose_clock
 from throttllem.controller.projection import QueuedRequests, RunningRequests, project
 
 TBT_S = 0.2
@@ -63,6 +63,7 @@ def test_a_guard_even_max_cannot_keep_sends_the_clock_to_max() -> None:
     choice = choose_clock(0.0, proj, dl, TABLE)
     assert choice.clock_mhz == max(CLOCKS)
     assert "r0" in choice.reason and choice.lost_requests == ()
+    assert choice.kind is ChoiceKind.MAX_GUARD
 
 
 def test_a_request_lost_anyway_does_not_hold_the_clock_at_max() -> None:

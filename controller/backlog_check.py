@@ -1,0 +1,69 @@
+"""The backlog check: with requests waiting for admission, the clock must keep up with the
+arrivals and clear the wait (docs/controller.md, item 5); and the arrival forecast it and the
+projection read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ips_table import IpsTable
+from .projection import Projection
+
+
+@dataclass(frozen=True)
+class ArrivalForecast:
+    """Requests expected to arrive while those in flight run: their prefills will stall the
+    decoding of everyone in flight, and more so at a low clock (prefill is compute-bound)."""
+
+    rate_per_s: float = 0.0
+    mean_prompt_tokens: float = 0.0
+    mean_output_tokens: float = 0.0  # predicted (conservative): sizes the projected load
+    iteration_s: float = 0.0  # recent mean iteration time: turns the rate into per iteration
+    # Mean tokens the recently finished requests generated (0: none finished yet): what the
+    # arrivals will ask of the engine on average, for the backlog check.
+    finished_output_tokens: float = 0.0
+
+    @property
+    def per_iteration(self) -> float:
+        return self.rate_per_s * self.iteration_s
+
+
+# A queued request the projection cannot admit within this many iterations waits for a slot or
+# for KV blocks: the engine is at its limit and its throughput is set by the clock.
+BACKLOG_AFTER_ITERATIONS = 2
+
+
+# A backlog is to be served within this time, on top of the arrivals.
+DRAIN_S = 30.0
+
+
+def backlog(proj: Projection) -> int:
+    """Requests waiting for admission (a full batch or KV cache), not just for the next
+    iteration."""
+    first = proj.queued_first_iter
+    return int(np.count_nonzero((first < 0) | (first > BACKLOG_AFTER_ITERATIONS)))
+
+
+def lowest_sustaining_clock(
+    table: IpsTable, batch: int, kv_blocks: int, forecast: ArrivalForecast, waiting: int = 0
+) -> int:
+    """The lowest clock index at which a full engine keeps up with the arrivals and clears the
+    `waiting` requests within DRAIN_S.
+
+    Each request costs its prefill (what an iteration carrying its prompt takes beyond a
+    decoding one) and its output tokens' share of decoding iterations at the current batch:
+    (rate + waiting / DRAIN_S) x (prefill + tokens x iteration / batch) must not exceed 1. At
+    exactly the arrival rate a queue does not shrink, and random arrivals grow it: the drain
+    term is what brings it down. The top index when no clock manages it.
+    """
+    batch = max(batch, 1)
+    one = np.ones(1, dtype=np.int64)
+    decode = table.seconds_all_clocks(one * batch, one * kv_blocks, one * 0)[:, 0]
+    prefill = table.prefill_seconds(batch, kv_blocks, forecast.mean_prompt_tokens)
+    tokens = forecast.finished_output_tokens or forecast.mean_output_tokens
+    utilisation = (forecast.rate_per_s + waiting / DRAIN_S) * (prefill + tokens * decode / batch)
+    ok = np.nonzero(utilisation <= 1.0)[0]
+    return int(ok[0]) if ok.size else len(table.clocks_mhz) - 1
