@@ -51,7 +51,7 @@ def run_one(
     seed: int,
     window_s: float,
     start_share: float | None = None,
-    prefill_clock: str = "optimal",
+    prefill_clock: str = "auto",
 ) -> dict[str, Any]:
     kind = "code" if "code" in trace else "conv"
     base = EngineSetup(model=model, tp=tp)
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--prefill-clock",
-        choices=("optimal", "max"),
-        default="optimal",
+        choices=("auto", "optimal", "max"),
+        default="auto",
         help="throttllem's and the oracle's clock for iterations that carry prompts",
     )
     args = parser.parse_args(argv)

@@ -25,6 +25,9 @@ class ArrivalForecast:
     # Mean tokens the recently finished requests generated (0: none finished yet): what the
     # arrivals will ask of the engine on average, for the backlog check.
     finished_output_tokens: float = 0.0
+    # The predictor's median length for the mean prompt (0: not learned yet): how many gaps a
+    # typical request spreads a prefill stall over (clock_policy.prefill_stalls_dominate).
+    median_output_tokens: float = 0.0
 
     @property
     def per_iteration(self) -> float:

@@ -43,9 +43,9 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
     "observe_only": (bool, "decide and export metrics, never change clocks"),
     "prefill_clock": (
         str,
-        "clock for iterations that carry prompts: optimal (default: what the SLOs and the "
-        "energy floor pick) or max while requests decode (short-answer, prompt-heavy "
-        "traffic; docs/controller.md item 7)",
+        "clock for iterations that carry prompts: optimal (what the SLOs and the energy "
+        "floor pick), max while requests decode (short answers to long prompts), or auto "
+        "(default: max while prefill stalls dominate the traffic; docs/controller.md item 7)",
     ),
     "gpu_idle_power_w": (
         float,
@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "slo_e2e_ms": None,
     "telemetry_timeout_s": 3.0,
     "observe_only": False,
-    "prefill_clock": "optimal",
+    "prefill_clock": "auto",
     "gpu_idle_power_w": None,
     "keda_port": 0,
     "keda_host": "127.0.0.1",

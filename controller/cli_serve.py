@@ -111,8 +111,8 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--prefill-clock",
-        choices=("optimal", "max"),
-        default="optimal",
+        choices=("auto", "optimal", "max"),
+        default="auto",
         help="the controller's clock for iterations that carry prompts (see `throttllem "
         "controller --help`)",
     )

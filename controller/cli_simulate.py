@@ -17,7 +17,7 @@ from .events import Slo
 
 # clock_policy.PREFILL_CLOCKS, spelled out so that parsing does not import numpy (a test
 # keeps the two equal).
-PREFILL_CLOCK_CHOICES = ("optimal", "max")
+PREFILL_CLOCK_CHOICES = ("auto", "optimal", "max")
 
 JSON_KEYS = (
     "energy_j",
@@ -76,10 +76,11 @@ def add_parser(sub: Any) -> None:
     sim.add_argument(
         "--prefill-clock",
         choices=PREFILL_CLOCK_CHOICES,
-        default="optimal",
-        help="throttllem's clock for iterations that carry prompts: 'optimal' (default: what "
-        "the SLOs and the energy floor pick) or 'max' while requests decode (short-answer, "
-        "prompt-heavy traffic; docs/controller.md item 7)",
+        default="auto",
+        help="throttllem's clock for iterations that carry prompts: 'optimal' (what the SLOs "
+        "and the energy floor pick), 'max' while requests decode (short answers to long "
+        "prompts), or 'auto' (default: 'max' while prefill stalls dominate the traffic; "
+        "docs/controller.md item 7)",
     )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true", help="one JSON object keyed by policy")

@@ -69,6 +69,10 @@ class LengthPredictor:
         index = max(0, int(math.log2(max(prompt_tokens, 1))) - 6)
         return self._buckets[min(index, len(self._buckets) - 1)]
 
+    def learned(self, prompt_tokens: int) -> bool:
+        """Whether predictions for this prompt length come from lengths seen, not the prior."""
+        return len(self._bucket(prompt_tokens).ordered) >= MIN_SAMPLES
+
     def predict(
         self, prompt_tokens: int, max_tokens: int, generated: int = 0, hint: int | None = None
     ) -> int:

@@ -28,6 +28,9 @@ FORECAST_MIN_SPAN_S = 5.0
 # How short a running request may still turn out: this quantile of the lengths seen that are
 # longer than what it has generated (the shortest plausible end, for the clock policy's guard).
 SHORT_QUANTILE = 0.02
+# Finished requests in the forecast window enough for a median length before the predictor
+# has learned the prompts arriving.
+MEDIAN_MIN_FINISHED = 8
 
 
 @dataclass
@@ -184,12 +187,25 @@ class Scoreboard:
         span = max(now_s - self._recent[0][0], FORECAST_MIN_SPAN_S)
         prompts = sum(p for _, p in self._recent)
         mean_prompt = prompts / len(self._recent)
+        median = 0.0
+        if self.predictor.learned(int(mean_prompt)):
+            one = np.ones(1, dtype=np.int64)
+            median = float(
+                self.predictor.predict_many(
+                    one * int(mean_prompt), one << 20, one * 0, one * 0, quantile=0.5
+                )[0]
+            )
+        elif len(self._finished) >= MEDIAN_MIN_FINISHED:
+            # Until the predictor has learned these prompts, the lengths just finished (short
+            # ones finish first, so this errs short for a while: toward protecting answers).
+            median = float(np.median([n for _, n in self._finished]))
         return ArrivalForecast(
             len(self._recent) / span,
             mean_prompt,
             float(self.predictor.predict(int(mean_prompt), 1 << 20)),
             self._iteration_s,
             sum(n for _, n in self._finished) / len(self._finished) if self._finished else 0.0,
+            median,
         )
 
     def attainment(self) -> float:

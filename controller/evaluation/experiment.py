@@ -78,7 +78,7 @@ def _build(
     name: str,
     setup: EngineSetup,
     progress: Callable[[str], None] | None,
-    prefill_clock: str = "optimal",
+    prefill_clock: str = "auto",
 ) -> Policy:
     if name == "max":
         return MaxClock()
@@ -119,7 +119,7 @@ def compare(
     policies: list[str],
     slo: Slo,
     progress: Callable[[str], None] | None = None,
-    prefill_clock: str = "optimal",
+    prefill_clock: str = "auto",
 ) -> Comparison:
     """Run every policy on the same arrivals; `max` always runs (it is the baseline).
     `prefill_clock` is throttllem's and the oracle's (clock_policy.PREFILL_CLOCKS)."""

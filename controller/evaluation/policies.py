@@ -111,7 +111,7 @@ class ThrottllemPolicy(Policy):
         quantile: float = 0.9,
         config: ControllerConfig | None = None,
         marginal_energy: bool = True,
-        prefill_clock: str = "optimal",
+        prefill_clock: str = "auto",
     ) -> None:
         self.name = name
         self.marginal_energy = marginal_energy

@@ -37,7 +37,7 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
         ("slo_tbt_ms: -5\n", "slo_tbt_ms must be positive"),
         ("driver: magic\n", "driver 'magic': valid: auto, twin, nvml, clockd"),
         ("driver: clockd\n", "--driver clockd needs --clockd-socket"),
-        ("prefill_clock: fast\n", "prefill_clock 'fast': valid: optimal, max"),
+        ("prefill_clock: fast\n", "prefill_clock 'fast': valid: auto, optimal, max"),
         ("perf_model: /nowhere.cbm\n", "perf_model '/nowhere.cbm'"),
         ("- a list\n", "expected a mapping of settings"),
     ],

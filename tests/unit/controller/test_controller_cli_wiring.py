@@ -92,4 +92,4 @@ def test_prefill_clock_setting_reaches_every_instance_controller() -> None:
     flags = ["controller", "--prefill-clock", "max"]
     sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
     assert sidecar.config.controller.prefill_clock == "max"
-    assert build_sidecar(DEFAULTS).config.controller.prefill_clock == "optimal"
+    assert build_sidecar(DEFAULTS).config.controller.prefill_clock == "auto"

@@ -1,5 +1,6 @@
 """`prefill_clock="max"`: an iteration that carries prompts runs at maximum clock while requests
-decode, whatever the SLOs would allow; otherwise the choice is unchanged."""
+decode, whatever the SLOs would allow; otherwise the choice is unchanged. "auto" (the default)
+does so while prefill stalls dominate the traffic: short answers to long prompts."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from throttllem.controller.cli import build_parser
 from throttllem.controller.cli_simulate import PREFILL_CLOCK_CHOICES
 from throttllem.controller.clock_policy import (
     PREFILL_CLOCKS,
+    STALL_SHARE,
     ChoiceKind,
     RequestDeadlines,
     choose_clock,
+    prefill_stalls_dominate,
 )
 from throttllem.controller.control_loop import ControllerConfig
 from throttllem.controller.projection import QueuedRequests, RunningRequests, project
@@ -49,7 +52,8 @@ def _case(decoding: bool, prompt_waiting: bool) -> tuple:
 
 def test_a_prompt_entering_while_a_request_decodes_runs_at_max() -> None:
     proj, dl = _case(decoding=True, prompt_waiting=True)
-    assert choose_clock(0.0, proj, dl, TABLE).clock_mhz == min(CLOCKS)  # the default
+    optimal = choose_clock(0.0, proj, dl, TABLE, prefill_clock="optimal")
+    assert optimal.clock_mhz == min(CLOCKS)
     choice = choose_clock(0.0, proj, dl, TABLE, prefill_clock="max")
     assert choice.clock_mhz == max(CLOCKS)
     assert "prefill_clock=max" in choice.reason and choice.kind is ChoiceKind.MAX_PREFILL
@@ -60,7 +64,7 @@ def test_without_both_a_prompt_and_a_decoding_request_the_choice_is_unchanged(
     decoding: bool, prompt_waiting: bool
 ) -> None:
     proj, dl = _case(decoding, prompt_waiting)
-    default = choose_clock(0.0, proj, dl, TABLE)
+    default = choose_clock(0.0, proj, dl, TABLE, prefill_clock="optimal")
     assert choose_clock(0.0, proj, dl, TABLE, prefill_clock="max") == default
     assert default.clock_mhz < max(CLOCKS)
 
@@ -81,7 +85,7 @@ def test_a_wrong_value_names_the_setting() -> None:
     proj, dl = _case(decoding=True, prompt_waiting=True)
     with pytest.raises(ValueError, match="prefill_clock must be one of"):
         choose_clock(0.0, proj, dl, TABLE, prefill_clock="fast")
-    with pytest.raises(ValueError, match="prefill_clock must be one of optimal, max"):
+    with pytest.raises(ValueError, match="prefill_clock must be one of auto, optimal, max"):
         ControllerConfig(prefill_clock="fast")
 
 
@@ -91,7 +95,7 @@ def test_the_command_lines_take_exactly_the_policy_values(command: list[str]) ->
     parser = build_parser()
     for value in PREFILL_CLOCKS:
         assert parser.parse_args([*command, "--prefill-clock", value]).prefill_clock == value
-    assert parser.parse_args(command).prefill_clock == "optimal"
+    assert parser.parse_args(command).prefill_clock == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--prefill-clock", "fast"])
 
@@ -104,4 +108,41 @@ def test_simulate_hands_the_setting_to_the_controller_in_the_loop() -> None:
     policy = _build("oracle", EngineSetup(), None, "max")
     assert isinstance(policy, ThrottllemPolicy) and policy.config.prefill_clock == "max"
     default = _build("oracle", EngineSetup(), None)
-    assert isinstance(default, ThrottllemPolicy) and default.config.prefill_clock == "optimal"
+    assert isinstance(default, ThrottllemPolicy) and default.config.prefill_clock == "auto"
+
+
+def _traffic(median_output: float) -> ArrivalForecast:
+    """Arrivals of 4,000-token prompts whose typical answer is `median_output` tokens."""
+    return ArrivalForecast(
+        rate_per_s=0.5,
+        mean_prompt_tokens=4000,
+        mean_output_tokens=median_output,
+        iteration_s=0.03,
+        median_output_tokens=median_output,
+    )
+
+
+def test_auto_runs_prompts_at_max_when_answers_are_short_for_their_prompts() -> None:
+    proj, dl = _case(decoding=True, prompt_waiting=True)
+    # One 4,000-token prefill at max clock against the TBT budget of a typical answer:
+    # (6 - 1) x 0.2 s = 1 s for a 6-token answer, 60 s for a 301-token one.
+    stall = float(TABLE.prefill_seconds(int(proj.batch[0]), int(proj.kv_blocks[0]), 4000)[-1])
+    assert stall >= STALL_SHARE * 1.0 and stall < STALL_SHARE * 60.0
+    assert prefill_stalls_dominate(TABLE, proj, dl, _traffic(6))
+    assert not prefill_stalls_dominate(TABLE, proj, dl, _traffic(301))
+    short = choose_clock(0.0, proj, dl, TABLE, forecast=_traffic(6))
+    assert short.clock_mhz == max(CLOCKS) and short.kind is ChoiceKind.MAX_PREFILL
+    assert "prefill_clock=auto" in short.reason
+    long = choose_clock(0.0, proj, dl, TABLE, forecast=_traffic(301))
+    assert long.clock_mhz < max(CLOCKS) and long.kind is not ChoiceKind.MAX_PREFILL
+
+
+def test_auto_needs_lengths_learned_and_a_tbt_target() -> None:
+    proj, dl = _case(decoding=True, prompt_waiting=True)
+    assert not prefill_stalls_dominate(TABLE, proj, dl, _traffic(0))  # nothing learned yet
+    no_tbt = RequestDeadlines(**{**dl.__dict__, "running_tbt_target_s": np.full(1, np.inf)})
+    assert not prefill_stalls_dominate(TABLE, proj, no_tbt, _traffic(6))
+    # Without a forecast there is nothing to judge the traffic by: as "optimal".
+    assert choose_clock(0.0, proj, dl, TABLE) == choose_clock(
+        0.0, proj, dl, TABLE, prefill_clock="optimal"
+    )

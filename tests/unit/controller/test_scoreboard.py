@@ -153,3 +153,20 @@ def test_running_requests_carry_their_shortest_plausible_remaining_length() -> N
     # prediction the projection uses (the 90% quantile) leaves far more.
     assert 1 <= int(shortest[0]) <= 6
     assert int(inputs.running.remaining_tokens[0]) > 150
+
+
+def test_the_forecast_gives_the_median_length_for_its_prompts_once_learned() -> None:
+    sb = _board()
+    sb.on_arrived(Arrived(0, 0.0, prompt_tokens=3000, max_tokens=500))
+    assert sb.forecast(1.0).median_output_tokens == 0.0  # nothing learned, nothing finished
+    # 40 answers to prompts of the same size (one predictor bucket): 10, 11, ..., 49 tokens.
+    for i in range(1, 41):
+        sb.on_arrived(Arrived(i, 1.0, prompt_tokens=3000, max_tokens=500))
+        sb.on_finished(Finished(i, 2.0, output_tokens=9 + i, reason=Finish.END_ID))
+        if i == 8:  # before the predictor has learned: the median of those just finished
+            assert sb.forecast(2.5).median_output_tokens == 13.5
+    median = sb.forecast(3.0).median_output_tokens
+    assert 29 <= median <= 31
+    # Long after, the forecast window is empty of finishes, but the predictor remembers.
+    sb.on_arrived(Arrived(99, 100.0, prompt_tokens=3000, max_tokens=500))
+    assert 29 <= sb.forecast(101.0).median_output_tokens <= 31
