@@ -52,7 +52,7 @@ class ChoiceKind(str, enum.Enum):
     BACKLOG = "backlog"  # keeping up with the arrivals while requests wait
     MAX_LOST = "max_lost"  # requests miss an SLO even at max clock (nearly saved, overload)
     MAX_GUARD = "max_guard"  # a short request's guard even max clock cannot keep
-    MAX_PREFILL = "max_prefill"  # prefill_clock=max: prompts enter while requests decode
+    MAX_PREFILL = "max_prefill"  # prompts enter while requests decode (prefill_clock)
 
 
 @dataclass(frozen=True)
