@@ -212,8 +212,9 @@ HOPELESS_FRACTION = 0.1
 # while prefill stalls dominate the traffic (prefill_stalls_dominate), else "optimal".
 PREFILL_CLOCKS = ("auto", "optimal", "max")
 # Prefill stalls dominate when one mean prompt's prefill, even at maximum clock, takes this
-# share of a typical request's mean-TBT budget ((median length - 1) x TBT target). Measured on
-# the Azure traces: code 0.02-0.1 (median 0.05), conversation 0.0006-0.008.
+# share of a typical request's mean-TBT budget ((median length - 1) x TBT target). Measured at
+# the decisions of matrix runs on the Azure traces: code 0.02-0.1 (10th-90th percentile, median
+# ~0.05), conversation below 0.008 (99th percentile).
 STALL_SHARE = 0.01
 
 
