@@ -18,6 +18,7 @@ import numpy as np
 from throttllem.backend.twin.hardware import default_catalog
 from throttllem.controller.decision_bench import (
     TOKENS_PER_BLOCK,
+    WAITING,
     build_loaded_scoreboard,
     run_decision_bench,
 )
@@ -32,7 +33,7 @@ def naive_decision_ms(requests: int, horizon: int, repeat: int) -> float:
     catalog = default_catalog()
     gpu, model = catalog.gpu("A100-SXM4-40GB"), catalog.model("llama-3-8b")
     oracle = TwinOracleModel(gpu, model, 1, TOKENS_PER_BLOCK)
-    board = build_loaded_scoreboard(requests, horizon)
+    board = build_loaded_scoreboard(requests, horizon, waiting=WAITING)
     clocks = sorted(gpu.supported_clocks_mhz())
     limits = EngineLimits(requests, 10**7, TOKENS_PER_BLOCK)
     times = []

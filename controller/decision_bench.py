@@ -18,10 +18,15 @@ from .projection import EngineLimits, project
 from .scoreboard import Scoreboard
 
 TOKENS_PER_BLOCK = 64
+# Prompts waiting to enter: the decision then projects their admission and prefills.
+WAITING = 4
 
 
-def build_loaded_scoreboard(requests: int, horizon: int, seed: int = 0) -> Scoreboard:
-    """`requests` requests generating, whose predicted ends spread over `horizon` iterations."""
+def build_loaded_scoreboard(
+    requests: int, horizon: int, seed: int = 0, waiting: int = 0
+) -> Scoreboard:
+    """`requests` requests generating, whose predicted ends spread over `horizon` iterations,
+    and `waiting` long prompts just arrived (their prefills are the next iterations')."""
     rng = np.random.default_rng(seed)
     board = Scoreboard(LengthPredictor(), Slo(ttft_s=2.0, tbt_s=0.2, e2e_s=600.0), TOKENS_PER_BLOCK)
     for i in range(requests):
@@ -30,6 +35,8 @@ def build_loaded_scoreboard(requests: int, horizon: int, seed: int = 0) -> Score
         # A length hint pins the prediction, so the horizon is exactly what was asked for.
         board.on_arrived(Arrived(i, 0.0, prompt, max_tokens=horizon + 8, length_hint=remaining + 1))
         board.on_first_token(FirstToken(i, 0.1))
+    for j in range(waiting):
+        board.on_arrived(Arrived(requests + j, 0.11, 2000, max_tokens=64, length_hint=32))
     return board
 
 
@@ -50,7 +57,7 @@ def run_decision_bench(
         max_batch=limits.max_batch_size,
         kv_capacity_blocks=capacity,
     )
-    board = build_loaded_scoreboard(requests, horizon)
+    board = build_loaded_scoreboard(requests, horizon, waiting=WAITING)
     # As the sidecar does once an instance is set up: the long-lived set-up objects leave the
     # garbage collector's scans, so they do not stretch the decisions' tail.
     gc.collect()
@@ -61,8 +68,9 @@ def run_decision_bench(
         started = time.perf_counter()
         inputs = board.decision_inputs()
         proj = project(inputs.running, inputs.queued, limits)
-        # 20 ms after the first tokens: every request on schedule, none lost.
-        choose_clock(0.12, proj, inputs.deadlines, table)
+        # 20 ms after the first tokens: every request on schedule, none lost. As the control
+        # loop decides: with the arrival forecast (and prefill_clock's default, auto).
+        choose_clock(0.12, proj, inputs.deadlines, table, forecast=board.forecast(0.12))
         times.append(time.perf_counter() - started)
         proj_horizon = proj.horizon
     ms = np.array(times) * 1000.0
