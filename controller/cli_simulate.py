@@ -126,7 +126,7 @@ def _simulate(args: argparse.Namespace) -> int:
         scale_to_load,
     )
     from .evaluation.experiment import PolicyError, compare, parse_policies, write_outputs
-    from .evaluation.report import format_table
+    from .evaluation.report import format_choices, format_table, overload_note
     from .evaluation.simulator import EngineSetup
     from .evaluation.workload import TraceError, read_trace, synthetic
 
@@ -211,6 +211,12 @@ def _simulate(args: argparse.Namespace) -> int:
         )
     else:
         print(format_table(comparison.summaries))
+        choices = format_choices(comparison.results)
+        if choices:
+            print(choices)
+    note = overload_note(comparison.summaries)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

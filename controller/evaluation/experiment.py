@@ -12,7 +12,7 @@ from ..perf_model import CatBoostPerformanceModel, split_indices
 from ..profiler import default_plan, profile_twin
 from .capacity import cache_dir
 from .policies import MaxClock, PidClock, StaticClock, ThrottllemPolicy
-from .report import PolicySummary, summarise, write_requests
+from .report import PolicySummary, summarise, write_choices, write_requests
 from .simulator import EngineSetup, Policy, SimResult, simulate
 from .workload import Workload
 
@@ -156,6 +156,10 @@ def write_outputs(comparison: Comparison, out: Path, slo: Slo) -> list[Path]:
             f.write("time_s,sm_clock_mhz,power_w\n")
             for t, c, p in zip(r.timeline_t, r.timeline_clock, r.timeline_power, strict=True):
                 f.write(f"{t:.3f},{c:.0f},{p:.1f}\n")
+        written.append(path)
+    if any(r.choice_seconds for r in comparison.results.values()):
+        path = out / "clock_choices.csv"
+        write_choices(path, comparison.results)
         written.append(path)
     written += plot_all(comparison, out, slo)
     return written

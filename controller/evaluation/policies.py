@@ -148,9 +148,24 @@ class ThrottllemPolicy(Policy):
         )
         board = Scoreboard(LengthPredictor(quantile=self.quantile), ctx.slo, ctx.tokens_per_block)
         self.controller = InstanceController(board, table, limits, ctx.clocks, self.config)
+        self._choice_s: dict[str, float] = {}
+        self._last_choice: tuple[float, str] | None = None
 
     def observe(self, ev: Event) -> None:
         self.controller.observe(ev)
 
     def before_iteration(self, now_s: float) -> None:
-        self.controller.maybe_decide(now_s)
+        decision = self.controller.maybe_decide(now_s)
+        if decision is None:
+            return
+        if self._last_choice is not None:
+            t, kind = self._last_choice
+            self._choice_s[kind] = self._choice_s.get(kind, 0.0) + max(now_s - t, 0.0)
+        self._last_choice = (now_s, decision.kind)
+
+    def choice_seconds(self, end_s: float) -> dict[str, float]:
+        out = dict(self._choice_s)
+        if self._last_choice is not None:
+            t, kind = self._last_choice
+            out[kind] = out.get(kind, 0.0) + max(end_s - t, 0.0)
+        return out

@@ -106,6 +106,46 @@ def format_table(summaries: dict[str, PolicySummary]) -> str:
     return "\n".join(lines)
 
 
+# Below this attainment at maximum clock the engine is overloaded, not throttled.
+OVERLOADED_AT_MAX = 0.9
+
+
+def overload_note(summaries: dict[str, PolicySummary]) -> str | None:
+    """A line for when even the maximum clock misses the SLOs for many requests: the load,
+    not the clock policy, decides the outcome then, and the comparison says little."""
+    top = summaries.get("max")
+    if top is None or top.slo_attainment >= OVERLOADED_AT_MAX:
+        return None
+    return (
+        f"note: at maximum clock only {top.slo_attainment:.1%} of requests meet their SLOs: "
+        "the engine is overloaded at this load (bursty arrivals overload it at any share of "
+        "its steady capacity; for a trace file, --capacity trace). Lower --load."
+    )
+
+
+def format_choices(results: dict[str, SimResult]) -> str:
+    """Why each controller policy's clock was where it was: its share of time under each kind
+    of choice, largest first (the dashboard's panel, for a simulation). Empty if none says."""
+    lines = []
+    for name, r in results.items():
+        total = sum(r.choice_seconds.values())
+        if total <= 0:
+            continue
+        ranked = sorted(r.choice_seconds.items(), key=lambda kv: -kv[1])
+        shares = ", ".join(f"{kind} {seconds / total:.0%}" for kind, seconds in ranked)
+        lines.append(f"{name} clock choices (share of time): {shares}")
+    return "\n".join(lines)
+
+
+def write_choices(path: Path, results: dict[str, SimResult]) -> None:
+    """One CSV row per policy and kind of clock choice: engine seconds under it."""
+    with path.open("w") as f:
+        f.write("policy,why,seconds\n")
+        for name, r in results.items():
+            for kind, seconds in sorted(r.choice_seconds.items()):
+                f.write(f"{name},{kind},{seconds:.3f}\n")
+
+
 def write_requests(path: Path, r: SimResult) -> None:
     """One CSV row per request, times in engine seconds from the start (nan: never)."""
     with path.open("w") as f:

@@ -84,6 +84,11 @@ class Policy(ABC):
     def wants_true_lengths(self) -> bool:
         return False
 
+    def choice_seconds(self, end_s: float) -> dict[str, float]:
+        """Seconds under each kind of clock choice up to `end_s` (clock_policy.ChoiceKind's
+        values); empty for a policy that does not say why."""
+        return {}
+
 
 @dataclass
 class SimResult:
@@ -100,6 +105,8 @@ class SimResult:
     timeline_t: FloatArray = field(default_factory=lambda: np.zeros(0))
     timeline_clock: FloatArray = field(default_factory=lambda: np.zeros(0))
     timeline_power: FloatArray = field(default_factory=lambda: np.zeros(0))
+    # Seconds under each kind of clock choice, for policies that say why (throttllem, oracle).
+    choice_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def events_from_responses(
@@ -265,4 +272,5 @@ def simulate(
         timeline_t=np.array(tl_t),
         timeline_clock=np.array(tl_clock),
         timeline_power=np.array(tl_power),
+        choice_seconds=policy.choice_seconds(span),
     )

@@ -150,3 +150,28 @@ def test_an_unsupported_static_clock_is_refused_naming_the_valid_range(
 ) -> None:
     with pytest.raises(ValueError, match=r"static:1000: not supported.*210\.\.1410 MHz"):
         compare(workload, SETUP, ["static:1000"], Slo())
+
+
+def test_a_controller_policy_accounts_its_time_by_kind_of_clock_choice(
+    workload: Workload, tmp_path
+) -> None:
+    from throttllem.controller.evaluation.experiment import write_outputs
+    from throttllem.controller.evaluation.report import format_choices
+
+    slo = Slo(tbt_s=0.2, e2e_s=60.0)
+    c = compare(workload, SETUP, ["max", "oracle"], slo)
+    oracle, top = c.results["oracle"], c.results["max"]
+    assert top.choice_seconds == {}  # a fixed clock says no why
+    seconds = oracle.choice_seconds
+    # From its first decision (periodic, from the start) to the end of the run, every second
+    # once, give or take the first decision period.
+    assert sum(seconds.values()) == pytest.approx(oracle.span_s, abs=0.25)
+    assert set(seconds) <= {"idle", "slo", "energy_floor", "backlog", "max_lost", "max_guard",
+                            "max_prefill"}  # fmt: skip
+    assert seconds.get("slo", 0) + seconds.get("energy_floor", 0) > 0
+    line = format_choices(c.results)
+    assert line.startswith("oracle clock choices (share of time): ") and "max " not in line
+    written = write_outputs(c, tmp_path, slo)
+    rows = (tmp_path / "clock_choices.csv").read_text().splitlines()
+    assert tmp_path / "clock_choices.csv" in written
+    assert rows[0] == "policy,why,seconds" and len(rows) == 1 + len(seconds)

@@ -149,3 +149,15 @@ def test_write_requests_writes_one_row_per_request(tmp_path: Path) -> None:
     assert len(rows) == 5
     assert [float(v) for v in rows[3][:3]] == [2.0, 4.0, 6.0] and rows[3][3] == "11"
     assert rows[4][1:] == ["nan", "nan", "0"]
+
+
+def test_an_overloaded_maximum_clock_is_pointed_out() -> None:
+    from dataclasses import replace
+
+    from throttllem.controller.evaluation.report import PolicySummary, overload_note
+
+    fine = PolicySummary(1.0, 1.0, 0.0, 0.995, 1, 1, 1, 1, 1, 0, 10, 100, 60.0)
+    assert overload_note({"max": fine}) is None
+    assert overload_note({"throttllem": replace(fine, slo_attainment=0.1)}) is None
+    note = overload_note({"max": replace(fine, slo_attainment=0.0824)})
+    assert note is not None and "8.2% of requests" in note and "Lower --load" in note
