@@ -75,6 +75,30 @@ class ControllerConfig:
             )
 
 
+@dataclass
+class ChoiceTimer:
+    """Time under each kind of clock choice: a decision's kind holds until the next one."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    last: tuple[float, str] | None = None  # (time, kind) of the choice in force
+
+    def record(self, now_s: float, kind: str) -> tuple[str, float] | None:
+        """A new choice from now on; returns the span the previous one just closed, if any."""
+        closed = None
+        if self.last is not None and now_s > self.last[0]:
+            closed = (self.last[1], now_s - self.last[0])
+            self.totals[closed[0]] = self.totals.get(closed[0], 0.0) + closed[1]
+        self.last = (now_s, kind)
+        return closed
+
+    def until(self, end_s: float) -> dict[str, float]:
+        """The totals with the choice in force counted up to `end_s`."""
+        out = dict(self.totals)
+        if self.last is not None and end_s > self.last[0]:
+            out[self.last[1]] = out.get(self.last[1], 0.0) + end_s - self.last[0]
+        return out
+
+
 @dataclass(frozen=True)
 class Decision:
     time_s: float

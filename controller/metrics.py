@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .control_loop import Decision
+from .control_loop import ChoiceTimer, Decision
 
 # Latency buckets, seconds: TTFT from a prefill to a long queue; mean TBT around the paper's
 # 200 ms target; E2E up to long generations.
@@ -102,7 +102,7 @@ class ControllerMetrics:
             [*lab, "why"],
             registry=r,
         )
-        self._last_choice: dict[str, tuple[float, str]] = {}
+        self._choice_timers: dict[str, ChoiceTimer] = {}
         self.lost = Counter(
             "throttllem_lost_request_decisions",
             "Decisions that went to max clock because a request was lost",
@@ -156,10 +156,10 @@ class ControllerMetrics:
         self.in_flight.labels(instance).set(decision.running)
         self.queued.labels(instance).set(decision.queued)
         self.decisions.labels(instance, decision.trigger).inc()
-        last = self._last_choice.get(instance)
-        if last is not None and decision.time_s > last[0]:
-            self.choice_seconds.labels(instance, last[1]).inc(decision.time_s - last[0])
-        self._last_choice[instance] = (decision.time_s, decision.kind)
+        timer = self._choice_timers.setdefault(instance, ChoiceTimer())
+        closed = timer.record(decision.time_s, decision.kind)
+        if closed is not None:
+            self.choice_seconds.labels(instance, closed[0]).inc(closed[1])
         self.decision_seconds.labels(instance).observe(wall_s)
         if decision.applied_mhz is not None:
             self.clock_changes.labels(instance).inc()
@@ -211,7 +211,7 @@ class ControllerMetrics:
             with contextlib.suppress(KeyError):
                 gauge.remove(instance)
         self.set_slo_targets(instance, None, None, None)
-        self._last_choice.pop(instance, None)  # its next decision starts a new span
+        self._choice_timers.pop(instance, None)  # its next decision starts a new span
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 
 from ..clock_governor import GovernorConfig
-from ..control_loop import ControllerConfig, InstanceController
+from ..control_loop import ChoiceTimer, ControllerConfig, InstanceController
 from ..events import Event, Iteration
 from ..ips_table import IpsTable
 from ..length_predictor import LengthPredictor
@@ -148,24 +148,15 @@ class ThrottllemPolicy(Policy):
         )
         board = Scoreboard(LengthPredictor(quantile=self.quantile), ctx.slo, ctx.tokens_per_block)
         self.controller = InstanceController(board, table, limits, ctx.clocks, self.config)
-        self._choice_s: dict[str, float] = {}
-        self._last_choice: tuple[float, str] | None = None
+        self._choices = ChoiceTimer()
 
     def observe(self, ev: Event) -> None:
         self.controller.observe(ev)
 
     def before_iteration(self, now_s: float) -> None:
         decision = self.controller.maybe_decide(now_s)
-        if decision is None:
-            return
-        if self._last_choice is not None:
-            t, kind = self._last_choice
-            self._choice_s[kind] = self._choice_s.get(kind, 0.0) + max(now_s - t, 0.0)
-        self._last_choice = (now_s, decision.kind)
+        if decision is not None:
+            self._choices.record(now_s, decision.kind)
 
     def choice_seconds(self, end_s: float) -> dict[str, float]:
-        out = dict(self._choice_s)
-        if self._last_choice is not None:
-            t, kind = self._last_choice
-            out[kind] = out.get(kind, 0.0) + max(end_s - t, 0.0)
-        return out
+        return self._choices.until(end_s)
