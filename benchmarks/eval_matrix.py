@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from throttllem.controller.clock_policy import PREFILL_CLOCKS
 from throttllem.controller.evaluation.capacity import (
     find_capacity,
     find_trace_capacity,
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--prefill-clock",
-        choices=("auto", "optimal", "max"),
+        choices=PREFILL_CLOCKS,
         default="auto",
         help="throttllem's and the oracle's clock for iterations that carry prompts",
     )

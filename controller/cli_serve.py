@@ -23,6 +23,7 @@ from throttllem.backend.telemetry.discovery import discover
 from throttllem.backend.triton_model.routing_file import write_routing_file
 
 from . import stop_signals
+from .cli_simulate import PREFILL_CLOCK_CHOICES
 from .serve_scaling import (
     SizePlan,
     add_scaling_arguments,
@@ -111,7 +112,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--prefill-clock",
-        choices=("auto", "optimal", "max"),
+        choices=PREFILL_CLOCK_CHOICES,
         default="auto",
         help="the controller's clock for iterations that carry prompts (see `throttllem "
         "controller --help`)",

@@ -233,6 +233,27 @@ def prefill_stalls_dominate(
     return stall >= STALL_SHARE * budget
 
 
+def _prompts_at_max(
+    setting: str,
+    table: IpsTable,
+    arrived: Projection,
+    deadlines: RequestDeadlines,
+    forecast: ArrivalForecast | None,
+) -> bool:
+    """Whether the next iteration carries prompts while requests decode and `setting` runs
+    such an iteration at maximum clock. `arrived`: the projection of the requests in flight
+    only (the forecast's expected prompts fill every iteration; they are no prefill now)."""
+    if not (arrived.horizon and int(arrived.ctx_tokens[0]) > 0 and deadlines.running_ids):
+        return False
+    if setting == "max":
+        return True
+    return (
+        setting == "auto"
+        and forecast is not None
+        and prefill_stalls_dominate(table, arrived, deadlines, forecast)
+    )
+
+
 @dataclass(frozen=True)
 class Margin:
     """Slack every request must keep: a fraction of the time still to run (the projection and
@@ -268,15 +289,10 @@ def choose_clock(
     if lost_fallback not in ("ignore", "max"):
         raise ValueError(f"lost_fallback must be 'ignore' or 'max', got {lost_fallback!r}")
     if prefill_clock not in PREFILL_CLOCKS:
-        raise ValueError(f"prefill_clock must be one of {PREFILL_CLOCKS}, got {prefill_clock!r}")
-    # Read before the forecast adds its expected prompts to every iteration.
-    prefill_now = bool(proj.horizon) and int(proj.ctx_tokens[0]) > 0
-    prefill_max = prefill_clock == "max" or (
-        prefill_clock == "auto"
-        and prefill_now
-        and forecast is not None
-        and prefill_stalls_dominate(table, proj, deadlines, forecast)
-    )
+        raise ValueError(
+            f"prefill_clock must be one of {', '.join(PREFILL_CLOCKS)}, got {prefill_clock!r}"
+        )
+    arrived = proj  # before the forecast adds its expected arrivals
     margin = margin or Margin()
     # With a backlog, time not spent serving is never recovered while arrivals keep pace: the
     # wait grows for every later request, including those not yet arrived whose deadlines no
@@ -341,7 +357,7 @@ def choose_clock(
             guarded,
             ChoiceKind.MAX_GUARD,
         )
-    if prefill_max and prefill_now and deadlines.running_ids:
+    if _prompts_at_max(prefill_clock, table, arrived, deadlines, forecast):
         reason = f"max: prompts enter while requests decode (prefill_clock={prefill_clock})"
         return maximum(reason, None, ChoiceKind.MAX_PREFILL)
     if lost:

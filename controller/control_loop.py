@@ -61,9 +61,7 @@ class ControllerConfig:
     margin: Margin = field(default_factory=Margin)
     lost_fallback: str = "ignore"  # or "max", the paper's rule (see clock_policy.choose_clock)
     forecast: bool = True  # reserve time for the prefills of requests still to come
-    prefill_clock: str = (
-        "auto"  # "optimal", "max" while requests decode, or "auto" (PREFILL_CLOCKS)
-    )
+    prefill_clock: str = "auto"  # or "optimal", "max" (clock_policy.PREFILL_CLOCKS)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     keep_decisions: int = 10_000
 

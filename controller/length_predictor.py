@@ -74,19 +74,27 @@ class LengthPredictor:
         return len(self._bucket(prompt_tokens).ordered) >= MIN_SAMPLES
 
     def predict(
-        self, prompt_tokens: int, max_tokens: int, generated: int = 0, hint: int | None = None
+        self,
+        prompt_tokens: int,
+        max_tokens: int,
+        generated: int = 0,
+        hint: int | None = None,
+        quantile: float | None = None,
     ) -> int:
-        """Total output tokens this request is expected to reach."""
+        """Total output tokens this request is expected to reach (`quantile` overrides the
+        predictor's own, as in predict_many)."""
+        q = self.quantile if quantile is None else quantile
         floor = min(generated + 1, max_tokens)
         if hint is not None and hint > 0:
             return max(floor, min(hint, max_tokens))
         samples = self._bucket(prompt_tokens).ordered
         if len(samples) < MIN_SAMPLES:
-            return max(floor, min(self._prior(generated), max_tokens))
+            prior = math.ceil(max(self._prior_tokens(q), generated + 1))
+            return max(floor, min(prior, max_tokens))
         longer = bisect.bisect_right(samples, generated)
         if longer == len(samples):
             return max_tokens  # outlived every length seen: only max_tokens bounds it
-        index = longer + int(self.quantile * (len(samples) - longer))
+        index = longer + int(q * (len(samples) - longer))
         return max(floor, min(samples[min(index, len(samples) - 1)], max_tokens))
 
     def predict_many(
@@ -128,9 +136,6 @@ class LengthPredictor:
 
     def _prior_tokens(self, quantile: float) -> float:
         return PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * NormalDist().inv_cdf(quantile))
-
-    def _prior(self, generated: int) -> int:
-        return math.ceil(max(self._prior_tokens(self.quantile), generated + 1))
 
     def observe(self, prompt_tokens: int, output_tokens: int, predicted_at_arrival: int) -> None:
         """Learn from a finished request (not from cancelled ones: their length is unknown)."""

@@ -189,12 +189,7 @@ class Scoreboard:
         mean_prompt = prompts / len(self._recent)
         median = 0.0
         if self.predictor.learned(int(mean_prompt)):
-            one = np.ones(1, dtype=np.int64)
-            median = float(
-                self.predictor.predict_many(
-                    one * int(mean_prompt), one << 20, one * 0, one * 0, quantile=0.5
-                )[0]
-            )
+            median = float(self.predictor.predict(int(mean_prompt), 1 << 20, quantile=0.5))
         elif len(self._finished) >= MEDIAN_MIN_FINISHED:
             # Until the predictor has learned these prompts, the lengths just finished (short
             # ones finish first, so this errs short for a while: toward protecting answers).
