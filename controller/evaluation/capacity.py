@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 PAPER_TBT_S = 0.2  # reading speed of ~250 words per minute
 CAPACITY_TTFT_S = 5.0
 CAPACITY_RUN_S = 240.0
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: requests carry the client's max_tokens, not their true length
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,10 @@ def _cached(key: str, compute: Callable[[], Capacity]) -> Capacity:
 
 
 def _setup_key(setup: EngineSetup) -> str:
-    return f"v{CACHE_VERSION}_{setup.gpu}_{setup.model}_tp{setup.tp}_b{setup.max_batch_size}"
+    return (
+        f"v{CACHE_VERSION}_{setup.gpu}_{setup.model}_tp{setup.tp}_b{setup.max_batch_size}"
+        f"_m{setup.client_max_tokens}"
+    )
 
 
 def find_capacity(setup: EngineSetup, kind: str = "conv", seed: int = 0) -> Capacity:

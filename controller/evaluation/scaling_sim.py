@@ -56,6 +56,7 @@ class _Slot:
     clocks: DriverActuator
     energy_at_load_mj: int
     ready_s: float
+    max_tokens: Callable[[int, int], int]  # (prompt, output) -> the max_tokens a client sends
     index_of: dict[int, int] = field(default_factory=dict)  # engine request id -> request index
     in_flight: int = 0
     queued: int = 0
@@ -137,7 +138,11 @@ class ScalingSimulation:
             ex.kv.max_num_blocks, ex.kv.tokens_per_block, ex.limits.max_num_tokens,
         )  # fmt: skip
         policy.start(ctx)
-        slot = _Slot(size, ex, gpus, policy, clocks, gpus.total_energy_mj(), at_s)
+
+        def max_tokens(prompt: int, output: int) -> int:
+            return setup.max_tokens(prompt, output, model.max_context)
+
+        slot = _Slot(size, ex, gpus, policy, clocks, gpus.total_energy_mj(), at_s, max_tokens)
         self.slots.append(slot)
         return slot
 
@@ -244,8 +249,9 @@ class ScalingSimulation:
                 if slot.in_flight == 0 and slot.now() < r.arrival_s:
                     slot.executor.run_until(r.arrival_s)
                 ids = prompts.setdefault(r.prompt_tokens, [1] * r.prompt_tokens)
+                max_tokens = slot.max_tokens(r.prompt_tokens, r.output_tokens)
                 rid = slot.executor.enqueue_request(
-                    Request(ids, max_tokens=r.output_tokens, streaming=True,
+                    Request(ids, max_tokens=max_tokens, streaming=True,
                             twin_output_len=r.output_tokens)
                 )  # fmt: skip
                 slot.index_of[rid] = i
@@ -253,7 +259,7 @@ class ScalingSimulation:
                 owner[i], rid_of[i] = slot, rid
                 self.meter.record_arrival(MODEL, r.arrival_s)
                 slot.policy.observe(
-                    Arrived(rid, r.arrival_s, r.prompt_tokens, r.output_tokens, Slo(),
+                    Arrived(rid, r.arrival_s, r.prompt_tokens, max_tokens, Slo(),
                             r.output_tokens if slot.policy.wants_true_lengths() else None)
                 )  # fmt: skip
                 i += 1

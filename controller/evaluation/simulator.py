@@ -47,10 +47,20 @@ class EngineSetup:
     seed: int = 0
     latency_jitter: float = 0.02  # per-iteration noise, as a real GPU shows
     max_batch_size: int = 256
+    client_max_tokens: int = CLIENT_MAX_TOKENS
 
     def specs(self) -> tuple[GpuSpec, ModelSpec]:
         catalog = default_catalog()
         return catalog.gpu(self.gpu), catalog.model(self.model)
+
+    def max_tokens(self, prompt_tokens: int, output_tokens: int, max_context: int) -> int:
+        """The max_tokens a request carries: what a client asks for, as `replay` sends it,
+        never the length the trace says it will generate. The controller reads it (a length
+        prediction never exceeds it) and the engine reserves KV blocks for it, so a simulation
+        that passed the true length would hand the controller the answer and the engine a
+        tighter reservation than any client gives. Never below the trace's output (clipped
+        workloads fit), so no request is cut short."""
+        return max(output_tokens, min(self.client_max_tokens, max_context - prompt_tokens))
 
 
 @dataclass
@@ -211,10 +221,11 @@ def simulate(
         while i < n and reqs[i].arrival_s <= now:
             r = reqs[i]
             ids = prompt_cache.setdefault(r.prompt_tokens, [1] * r.prompt_tokens)
+            max_tokens = setup.max_tokens(r.prompt_tokens, r.output_tokens, model.max_context)
             rid = ex.enqueue_request(
                 Request(
                     ids,
-                    max_tokens=r.output_tokens,
+                    max_tokens=max_tokens,
                     streaming=True,
                     twin_output_len=r.output_tokens,
                 )
@@ -225,7 +236,7 @@ def simulate(
                     rid,
                     r.arrival_s,
                     r.prompt_tokens,
-                    r.output_tokens,
+                    max_tokens,
                     Slo(),
                     r.output_tokens if true_lengths else None,
                 )

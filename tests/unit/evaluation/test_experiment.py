@@ -15,9 +15,9 @@ from throttllem.controller.evaluation.experiment import (
 )
 from throttllem.controller.evaluation.policies import MaxClock, StaticClock
 from throttllem.controller.evaluation.report import summarise
-from throttllem.controller.evaluation.simulator import EngineSetup, simulate
+from throttllem.controller.evaluation.simulator import CLIENT_MAX_TOKENS, EngineSetup, simulate
 from throttllem.controller.evaluation.workload import Workload, synthetic
-from throttllem.controller.events import Slo
+from throttllem.controller.events import Arrived, Event, Slo
 
 SETUP = EngineSetup(gpu="A100-SXM4-40GB", model="llama-3-8b", tp=1)
 CLOCKS = sorted(SETUP.specs()[0].supported_clocks_mhz())  # ascending, 210..1410 by 15
@@ -175,3 +175,43 @@ def test_a_controller_policy_accounts_its_time_by_kind_of_clock_choice(
     rows = (tmp_path / "clock_choices.csv").read_text().splitlines()
     assert tmp_path / "clock_choices.csv" in written
     assert rows[0] == "policy,why,seconds" and len(rows) == 1 + len(seconds)
+
+
+# --- what a policy learns from an arrival -----------------------------------------------------
+
+
+class _RecordingMax(MaxClock):
+    """Max clock that keeps every arrival it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[Arrived] = []
+
+    def observe(self, ev: Event) -> None:
+        if isinstance(ev, Arrived):
+            self.arrivals.append(ev)
+
+
+def test_arrivals_carry_the_clients_max_tokens_not_the_true_length(workload: Workload) -> None:
+    """A simulation that told the controller each request's true length as its max_tokens
+    would let the length predictor (never above max_tokens) read the answer."""
+    policy = _RecordingMax()
+    result = simulate(workload, SETUP, policy, Slo())
+    max_context = SETUP.specs()[1].max_context
+    assert len(policy.arrivals) == len(workload.requests)
+    for ev, req in zip(policy.arrivals, workload.requests, strict=True):
+        assert ev.length_hint is None
+        assert ev.max_tokens == min(CLIENT_MAX_TOKENS, max_context - req.prompt_tokens)
+        assert ev.max_tokens > req.output_tokens
+    # ...and the engine still generates the trace's lengths.
+    assert list(result.output_tokens) == [r.output_tokens for r in workload.requests]
+
+
+def test_a_smaller_client_max_tokens_is_what_arrivals_carry(workload: Workload) -> None:
+    policy = _RecordingMax()
+    setup = EngineSetup(gpu="A100-SXM4-40GB", model="llama-3-8b", tp=1, client_max_tokens=600)
+    simulate(workload, setup, policy, Slo())
+    # Never below a request's own length: the client's bound does not cut the trace short.
+    expected = [max(r.output_tokens, 600) for r in workload.requests]
+    assert [ev.max_tokens for ev in policy.arrivals] == expected
+    assert 600 in expected
