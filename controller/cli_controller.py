@@ -47,6 +47,11 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
         "floor pick), max while requests decode (short answers to long prompts), or auto "
         "(default: max while prefill stalls dominate the traffic; docs/controller.md item 7)",
     ),
+    "idle_clocks": (
+        str,
+        "with nothing in flight: release (default: the GPU idles at its lowest clock and "
+        "boosts by itself for an arrival until the next lock) or lock (held at the chosen clock)",
+    ),
     "gpu_idle_power_w": (
         float,
         "per-GPU idle power for the energy floor (default: the twin preset's; real GPUs 0)",
@@ -78,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "telemetry_timeout_s": 3.0,
     "observe_only": False,
     "prefill_clock": "auto",
+    "idle_clocks": "release",
     "gpu_idle_power_w": None,
     "keda_port": 0,
     "keda_host": "127.0.0.1",
@@ -143,6 +149,12 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if settings["prefill_clock"] not in PREFILL_CLOCKS:
         raise UsageError(
             f"prefill_clock '{settings['prefill_clock']}': valid: " + ", ".join(PREFILL_CLOCKS)
+        )
+    from .control_loop import IDLE_CLOCKS
+
+    if settings["idle_clocks"] not in IDLE_CLOCKS:
+        raise UsageError(
+            f"idle_clocks '{settings['idle_clocks']}': valid: " + ", ".join(IDLE_CLOCKS)
         )
     if settings["driver"] == "clockd" and not settings["clockd_socket"]:
         raise UsageError("--driver clockd needs --clockd-socket")
@@ -222,7 +234,9 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
         default_slo=slo,
         telemetry_timeout_s=settings["telemetry_timeout_s"],
         idle_power_w=settings["gpu_idle_power_w"],
-        controller=ControllerConfig(prefill_clock=settings["prefill_clock"]),
+        controller=ControllerConfig(
+            prefill_clock=settings["prefill_clock"], idle_clocks=settings["idle_clocks"]
+        ),
     )
     meter = ArrivalRateMeter(models=[settings["model_name"]])
     return Sidecar(config, models, drivers, meter=meter)

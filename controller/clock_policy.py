@@ -99,7 +99,11 @@ class _Constraints:
         )
 
 
-def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Constraints:
+def _constraints(
+    now_s: float, proj: Projection, dl: RequestDeadlines, e2e_at_earliest: bool = False
+) -> _Constraints:
+    """`e2e_at_earliest`: each running request's E2E deadline as if it ended as early as it
+    plausibly can (the triage's question: could it still make it?)."""
     bases, ends, starts, ids, guards = [], [], [], [], []
     if dl.running_ids:
         last = proj.running_last_iter + 1
@@ -116,7 +120,7 @@ def _constraints(now_s: float, proj: Projection, dl: RequestDeadlines) -> _Const
             dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
             dl.running_tbt_target_s * early_gaps + dl.running_first_token_s - now_s,
         ]
-        ends += [last, last, early]
+        ends += [early if e2e_at_earliest else last, last, early]
         starts += [zero, zero, zero]
         ids += list(dl.running_ids) * 3
         n = len(dl.running_ids)
@@ -166,6 +170,22 @@ def _slack(
     span = t.take(cons.end) - t.take(cons.start)
     slack = cons.base_s - span * (1.0 + margin.fraction) - margin.seconds
     return slack, span, float(tau[0])
+
+
+def _hopeless_at_max(
+    now_s: float, proj: Projection, deadlines: RequestDeadlines, table: IpsTable, margin: Margin
+) -> set[str]:
+    """The requests late at max clock by more than HOPELESS_FRACTION even on `proj` (the work
+    already arrived) and with every running request ending as early as it plausibly can."""
+    if not proj.horizon:
+        return set()
+    work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
+    cons = _constraints(now_s, proj, deadlines, e2e_at_earliest=True)
+    if not cons.ids:
+        return set()
+    cons = cons.subset(~cons.guard)
+    top = len(table.clocks_mhz) - 1
+    return set(_verdict(*_slack(table, top, margin, work, cons), cons, True).hopeless)
 
 
 def _check(
@@ -327,6 +347,13 @@ def choose_clock(
         at_max = _verdict(slack, span, first_s, cons, name_losses=True)
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
+    if hopeless:
+        # Giving a request up is final: left out, it runs at whatever clock the others allow
+        # and is lost for certain. So only when it is hopeless at max clock on what is certain:
+        # the work already arrived (the forecast's expected prompts are a hedge) and its own
+        # shortest plausible length (the predicted one errs long on purpose; on heavy-tailed
+        # traffic a request outliving its prediction is predicted much longer at once).
+        hopeless &= _hopeless_at_max(now_s, arrived, deadlines, table, margin)
     nearly = tuple(r for r in lost if r not in hopeless)
     # Triage is for the odd hopeless request. When many are lost the engine is overloaded: a
     # slower clock would only lengthen the queue every later request waits in.

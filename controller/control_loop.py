@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .clock_governor import ClockGovernor, GovernorConfig
-from .clock_policy import PREFILL_CLOCKS, Margin, choose_clock
+from .clock_policy import PREFILL_CLOCKS, ChoiceKind, Margin, choose_clock
 from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
 from .gpu.driver import ClockDriver, WriteOutcome
 from .ips_table import IpsTable
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 class ClockActuator(Protocol):
     def set_clock_mhz(self, mhz: int) -> None:
         """Lock every GPU of the instance at this SM clock."""
+        ...
+
+    def reset(self) -> None:
+        """Release the lock: default clocks (idle clock when idle, boost under load)."""
         ...
 
 
@@ -45,7 +49,7 @@ class DriverActuator:
             self.changes += 1
 
     def reset(self) -> None:
-        """Back to default clocks (not counted as a change)."""
+        """Back to default clocks (not counted as a change: no clock is set)."""
         self.driver.reset_locked_clocks(self.driver.gpu_indices())
 
 
@@ -55,6 +59,9 @@ class DriverActuator:
 _UNEVALUATED_IPS = 1e8
 
 
+IDLE_CLOCKS = ("release", "lock")
+
+
 @dataclass
 class ControllerConfig:
     decision_period_s: float = 0.1
@@ -62,10 +69,18 @@ class ControllerConfig:
     lost_fallback: str = "ignore"  # or "max", the paper's rule (see clock_policy.choose_clock)
     forecast: bool = True  # reserve time for the prefills of requests still to come
     prefill_clock: str = "auto"  # or "optimal", "max" (clock_policy.PREFILL_CLOCKS)
+    # With nothing in flight: "release" the lock (default clocks: the GPU idles at its lowest
+    # clock and boosts by itself for an arrival until the next lock), or "lock" at the chosen
+    # clock (for operators who want the GPU never to boost on its own).
+    idle_clocks: str = "release"
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     keep_decisions: int = 10_000
 
     def __post_init__(self) -> None:
+        if self.idle_clocks not in IDLE_CLOCKS:
+            raise ValueError(
+                f"idle_clocks must be one of {', '.join(IDLE_CLOCKS)}, got {self.idle_clocks!r}"
+            )
         if self.prefill_clock not in PREFILL_CLOCKS:
             raise ValueError(
                 f"prefill_clock must be one of {', '.join(PREFILL_CLOCKS)}, "
@@ -113,6 +128,7 @@ class Decision:
     queued: int
     trigger: str
     kind: str = "slo"  # clock_policy.ChoiceKind's value: what decided the clock
+    released: bool = False  # the lock was released now (nothing in flight): default clocks
 
 
 class InstanceController:
@@ -185,9 +201,16 @@ class InstanceController:
             forecast=self.scoreboard.forecast(now_s) if self.config.forecast else None,
             prefill_clock=self.config.prefill_clock,
         )
-        applied = self.governor.apply(now_s, choice)
-        if applied is not None:
-            self.actuator.set_clock_mhz(applied)
+        applied: int | None = None
+        released = False
+        if choice.kind is ChoiceKind.IDLE and self.config.idle_clocks == "release":
+            released = self.governor.release(now_s)
+            if released:
+                self.actuator.reset()
+        else:
+            applied = self.governor.apply(now_s, choice)
+            if applied is not None:
+                self.actuator.set_clock_mhz(applied)
         running = len(inputs.deadlines.running_ids)
         queued = len(inputs.deadlines.queued_ids)
         predicted_ips: float | None = None
@@ -216,10 +239,13 @@ class InstanceController:
             queued=queued,
             trigger=trigger,
             kind=choice.kind.value,
+            released=released,
         )
         self.decisions.append(decision)
         self._due = None
         self._last_decision_s = now_s
         if applied is not None:
             log.debug("clock -> %d MHz (%s)", applied, choice.reason)
+        elif released:
+            log.debug("clock lock released (%s)", choice.reason)
         return decision

@@ -3,7 +3,8 @@
 Learned from finished requests, conditioned on prompt length (log-spaced buckets), and
 conservative: the prediction is the q-quantile of the lengths seen so far AMONG THOSE LONGER THAN
 what the request has already generated. So a request that outlives its first prediction gets a
-longer one at once, and one that outlives every length seen falls back to its max_tokens. A
+longer one at once; where few lengths in its bucket are that long, the quantile comes from every
+bucket's lengths, and one that outlives nearly every length seen falls back to its max_tokens. A
 client's hint, when present, is used instead. Never above max_tokens, never below generated + 1.
 """
 
@@ -20,6 +21,12 @@ import numpy.typing as npt
 
 # Until a bucket has seen this many requests, the prior below speaks for it.
 MIN_SAMPLES = 32
+# A quantile of the lengths longer than what a request has generated is read from its own
+# bucket while the bucket holds at least this many of them; beyond, from every bucket's lengths
+# pooled (how long a request that has outlived most answers runs on depends little on its
+# prompt, and a handful of samples would name the longest seen as the quantile), and when the
+# pool holds fewer too, only max_tokens bounds it.
+MIN_TAIL_SAMPLES = 16
 # A log-normal fitted to the Azure LLM inference trace (conversation, 2023): median 129,
 # mean 211 output tokens. Used only before the predictor has learned anything.
 PRIOR_MEDIAN_TOKENS = 129.0
@@ -62,6 +69,7 @@ class LengthPredictor:
             raise ValueError(f"quantile must be in (0, 1), got {quantile}")
         self.quantile = quantile
         self._buckets = [_Bucket(window) for _ in range(buckets)]
+        self._pooled: npt.NDArray[np.int64] | None = None
         self._errors: deque[tuple[int, int]] = deque(maxlen=4096)
 
     def _bucket(self, prompt_tokens: int) -> _Bucket:
@@ -87,15 +95,18 @@ class LengthPredictor:
         floor = min(generated + 1, max_tokens)
         if hint is not None and hint > 0:
             return max(floor, min(hint, max_tokens))
-        samples = self._bucket(prompt_tokens).ordered
-        if len(samples) < MIN_SAMPLES:
+        samples = self._bucket(prompt_tokens).array()
+        if samples.shape[0] < MIN_SAMPLES:
             prior = math.ceil(max(self._prior_tokens(q), generated + 1))
             return max(floor, min(prior, max_tokens))
-        longer = bisect.bisect_right(samples, generated)
-        if longer == len(samples):
-            return max_tokens  # outlived every length seen: only max_tokens bounds it
-        index = longer + int(q * (len(samples) - longer))
-        return max(floor, min(samples[min(index, len(samples) - 1)], max_tokens))
+        return int(
+            self._tail_quantile(
+                samples,
+                np.array([generated], dtype=np.int64),
+                np.array([max_tokens], dtype=np.int64),
+                q,
+            )[0]
+        )
 
     def predict_many(
         self,
@@ -128,11 +139,44 @@ class LengthPredictor:
                     floor[sel], np.minimum(prior.astype(np.int64), max_tokens[sel])
                 )
                 continue
-            longer = np.searchsorted(samples, generated[sel], side="right")
-            pick = np.minimum(longer + (q * (n - longer)).astype(np.int64), n - 1)
-            value = np.maximum(floor[sel], np.minimum(samples[pick], max_tokens[sel]))
-            out[sel] = np.where(longer == n, max_tokens[sel], value)
+            out[sel] = self._tail_quantile(samples, generated[sel], max_tokens[sel], q)
         return out
+
+    def _tail_quantile(
+        self,
+        samples: npt.NDArray[np.int64],
+        generated: npt.NDArray[np.int64],
+        max_tokens: npt.NDArray[np.int64],
+        q: float,
+    ) -> npt.NDArray[np.int64]:
+        """The q-quantile of the sorted `samples` longer than `generated`, from the pool of
+        every bucket where `samples` hold fewer than MIN_TAIL_SAMPLES of them; max_tokens where
+        the pool does too. Within [generated + 1, max_tokens]."""
+        out = self._quantile_above(samples, generated, q)
+        thin = out < 0
+        if thin.any():
+            out[thin] = self._quantile_above(self._pool(), generated[thin], q)
+        floor = np.minimum(generated + 1, max_tokens)
+        # Nothing seen that long: a high quantile is bounded by max_tokens alone, a low one
+        # (how short it may still be) by the next token.
+        unknown = max_tokens if q >= 0.5 else floor
+        return np.where(out < 0, unknown, np.maximum(floor, np.minimum(out, max_tokens)))
+
+    @staticmethod
+    def _quantile_above(
+        samples: npt.NDArray[np.int64], generated: npt.NDArray[np.int64], q: float
+    ) -> npt.NDArray[np.int64]:
+        """-1 where fewer than MIN_TAIL_SAMPLES samples are longer than `generated`."""
+        n = samples.shape[0]
+        longer = np.searchsorted(samples, generated, side="right")
+        pick = np.minimum(longer + (q * (n - longer)).astype(np.int64), max(n - 1, 0))
+        value = samples[pick] if n else np.zeros_like(generated)
+        return np.where(n - longer < MIN_TAIL_SAMPLES, -1, value).astype(np.int64)
+
+    def _pool(self) -> npt.NDArray[np.int64]:
+        if self._pooled is None:
+            self._pooled = np.sort(np.concatenate([b.array() for b in self._buckets]))
+        return self._pooled
 
     def _prior_tokens(self, quantile: float) -> float:
         return PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * NormalDist().inv_cdf(quantile))
@@ -142,6 +186,7 @@ class LengthPredictor:
         if output_tokens <= 0:
             return
         self._bucket(prompt_tokens).add(output_tokens)
+        self._pooled = None
         self._errors.append((predicted_at_arrival, output_tokens))
 
     def error(self) -> PredictorError:

@@ -161,7 +161,7 @@ class ControllerMetrics:
         if closed is not None:
             self.choice_seconds.labels(instance, closed[0]).inc(closed[1])
         self.decision_seconds.labels(instance).observe(wall_s)
-        if decision.applied_mhz is not None:
+        if decision.applied_mhz is not None or decision.released:
             self.clock_changes.labels(instance).inc()
         if decision.lost_requests:
             self.lost.labels(instance).inc()

@@ -56,7 +56,9 @@ def _metric(port: int, name: str) -> float | None:
 
 
 @contextlib.contextmanager
-def controller(server: TritonServer, tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def controller(
+    server: TritonServer, tmp: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     registry = server.work_dir.parent / "registry"
     cmd = [
@@ -74,6 +76,7 @@ def controller(server: TritonServer, tmp: Path) -> Iterator[tuple[subprocess.Pop
         str(TBT_SLO_MS),
         "--perf-model",
         "oracle",
+        *extra,
     ]
     log = (tmp / "controller.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -155,7 +158,8 @@ def test_sigkill_of_the_controller_leaves_default_clocks_within_2s(
 ) -> None:
     endpoint = endpoints(server, LLM)[0].endpoint
     gpus = pb_grpc.GpuControlStub(grpc.insecure_channel(endpoint))
-    with controller(server, tmp_path) as (proc, _):
+    # No traffic here: an idle GPU is only locked with idle_clocks=lock (the default releases).
+    with controller(server, tmp_path, "--idle-clocks", "lock") as (proc, _):
         deadline = time.monotonic() + 10
         while not gpus.GetGpuState(pb.GetGpuStateRequest()).gpus[0].locked:
             assert time.monotonic() < deadline, "the controller never locked the twin GPU"

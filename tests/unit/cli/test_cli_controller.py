@@ -38,6 +38,7 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
         ("driver: magic\n", "driver 'magic': valid: auto, twin, nvml, clockd"),
         ("driver: clockd\n", "--driver clockd needs --clockd-socket"),
         ("prefill_clock: fast\n", "prefill_clock 'fast': valid: auto, optimal, max"),
+        ("idle_clocks: parked\n", "idle_clocks 'parked': valid: release, lock"),
         ("perf_model: /nowhere.cbm\n", "perf_model '/nowhere.cbm'"),
         ("- a list\n", "expected a mapping of settings"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from throttllem.controller.backlog_check import ArrivalForecast
 from throttllem.controller.clock_governor import ClockGovernor, GovernorConfig
 from throttllem.controller.clock_policy import (
     ChoiceKind,
@@ -128,7 +129,7 @@ def test_a_lost_request_sends_the_clock_to_maximum_under_the_paper_rule() -> Non
 def test_by_default_a_lost_request_is_left_out_and_the_rest_still_throttle() -> None:
     proj, dl = _scenario(e2e_s=1000.0)
     late = np.array(dl.running_e2e_deadline_s)
-    late[3] = 0.1  # hopeless even at max clock
+    late[3] = -0.5  # past its deadline: hopeless however soon it ends
     dl = RequestDeadlines(**{**dl.__dict__, "running_e2e_deadline_s": late})
     choice = choose_clock(0.0, proj, dl, TABLE)
     assert choice.lost_requests == ("r3",)
@@ -136,6 +137,30 @@ def test_by_default_a_lost_request_is_left_out_and_the_rest_still_throttle() -> 
     assert "left out" in choice.reason and choice.kind is ChoiceKind.SLO
     with pytest.raises(ValueError, match="lost_fallback"):
         choose_clock(0.0, proj, dl, TABLE, lost_fallback="pray")
+
+
+def test_a_request_lost_only_at_its_predicted_length_is_not_given_up() -> None:
+    """Its predicted 100 tokens miss the deadline even at max clock, but if it ended within
+    its shortest plausible 5 it would make it: the maximum clock, not abandonment (a
+    prediction errs long on purpose)."""
+    proj, dl = _scenario(e2e_s=1000.0)
+    late = np.array(dl.running_e2e_deadline_s)
+    late[3] = 0.3  # ~100 iterations of >= 10 ms do not fit; 5 do
+    shortest = np.full(16, 5, np.int64)
+    kept = RequestDeadlines(
+        **{**dl.__dict__, "running_e2e_deadline_s": late, "running_shortest_remaining": shortest}
+    )
+    choice = choose_clock(0.0, proj, kept, TABLE)
+    assert choice.lost_requests == ("r3",)
+    assert choice.clock_mhz == 1410 and choice.kind is ChoiceKind.MAX_LOST
+    # Even its shortest plausible end is too late: given up, the rest throttle.
+    shortest[3] = 60
+    given_up = RequestDeadlines(
+        **{**dl.__dict__, "running_e2e_deadline_s": late, "running_shortest_remaining": shortest}
+    )
+    choice = choose_clock(0.0, proj, given_up, TABLE)
+    assert choice.lost_requests == ("r3",)
+    assert choice.clock_mhz == 210 and "left out" in choice.reason
 
 
 def test_tbt_target_binds_like_a_deadline() -> None:
@@ -266,3 +291,24 @@ def test_with_requests_waiting_the_floor_weighs_whole_iteration_energy() -> None
     nobody = choose_clock(0.0, *_scenario(e2e_s=1e6), marginal, margin=EXACT)
     waiting = choose_clock(0.0, *_scenario(e2e_s=1e6, queued=4, ttft_s=1e6), marginal, margin=EXACT)
     assert waiting.clock_mhz > nobody.clock_mhz
+
+
+def test_expected_arrivals_alone_never_make_a_request_hopeless() -> None:
+    """Prompts the forecast expects slow every projected iteration; a request that misses its
+    deadline only because of them is still worth the maximum clock (they may not come)."""
+    proj, dl = _scenario(e2e_s=1000.0)
+    late = np.array(dl.running_e2e_deadline_s)
+    shortest = np.full(16, 100, np.int64)  # no shorter end is plausible
+    at_max_s = _time_to_finish(1410, proj)
+    late[3] = at_max_s * 1.3  # makes it at max on what has arrived, with the 10% margin
+    dl = RequestDeadlines(
+        **{**dl.__dict__, "running_e2e_deadline_s": late, "running_shortest_remaining": shortest}
+    )
+    quiet = choose_clock(0.0, proj, dl, TABLE)
+    assert quiet.lost_requests == ()
+    busy = ArrivalForecast(
+        rate_per_s=400.0, mean_prompt_tokens=2000.0, mean_output_tokens=100.0, iteration_s=0.01
+    )
+    choice = choose_clock(0.0, proj, dl, TABLE, forecast=busy)
+    assert "r3" in choice.lost_requests
+    assert choice.clock_mhz == 1410 and choice.kind is ChoiceKind.MAX_LOST

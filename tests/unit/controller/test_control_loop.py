@@ -29,14 +29,49 @@ class NoActuator:
     def set_clock_mhz(self, mhz: int) -> None:
         pass
 
+    def reset(self) -> None:
+        pass
 
-def controller() -> InstanceController:
+
+class RecordingActuator:
+    def __init__(self) -> None:
+        self.calls: list[int | str] = []
+
+    def set_clock_mhz(self, mhz: int) -> None:
+        self.calls.append(mhz)
+
+    def reset(self) -> None:
+        self.calls.append("reset")
+
+
+def controller(actuator: NoActuator | RecordingActuator | None = None) -> InstanceController:
     table = IpsTable(
         ClockOnlyModel(), [500, 1000], tp=1, max_batch=8, kv_capacity_blocks=100, kv_points=8
     )
     board = Scoreboard(LengthPredictor(), Slo(ttft_s=1.0, tbt_s=0.2, e2e_s=30.0), 64)
     limits = EngineLimits(8, 100, 64, Admission.GUARANTEED_NO_EVICT)
-    return InstanceController(board, table, limits, NoActuator())
+    return InstanceController(board, table, limits, actuator or NoActuator())
+
+
+def test_an_idle_engine_gets_its_clock_lock_released_once_and_a_lock_again_on_arrival() -> None:
+    """Idle, a locked clock keeps the GPU's clock tree and rails up: default clocks idle lower.
+    The release is not rate-limited (no decision may come again for long) and happens once."""
+    gpu = RecordingActuator()
+    c = controller(gpu)
+    c.observe(Arrived(1, 0.0, 100, 50))
+    busy = c.decide(0.0)
+    assert gpu.calls == [busy.chosen_mhz] and not busy.released
+    c.observe(FirstToken(1, 0.01))
+    c.observe(Finished(1, 0.02, 50, Finish.END_ID))
+    idle = c.decide(0.02)  # right after the lock: a lowering would be rate-limited
+    assert idle.kind == "idle" and idle.released and idle.applied_mhz is None
+    assert gpu.calls == [busy.chosen_mhz, "reset"]
+    assert not c.decide(5.0).released  # still idle: nothing more to do
+    assert gpu.calls == [busy.chosen_mhz, "reset"]
+    c.observe(Arrived(2, 6.0, 100, 50))
+    again = c.decide(6.0)
+    assert again.applied_mhz == again.chosen_mhz  # locked again at once, whatever it was
+    assert gpu.calls == [busy.chosen_mhz, "reset", again.chosen_mhz]
 
 
 def test_no_predicted_ips_while_nothing_is_in_flight() -> None:

@@ -93,3 +93,13 @@ def test_prefill_clock_setting_reaches_every_instance_controller() -> None:
     sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
     assert sidecar.config.controller.prefill_clock == "max"
     assert build_sidecar(DEFAULTS).config.controller.prefill_clock == "auto"
+
+
+def test_idle_clocks_setting_reaches_every_instance_controller() -> None:
+    from throttllem.controller.cli import build_parser
+    from throttllem.controller.cli_controller import resolve_settings
+
+    flags = ["controller", "--idle-clocks", "lock"]
+    sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
+    assert sidecar.config.controller.idle_clocks == "lock"
+    assert build_sidecar(DEFAULTS).config.controller.idle_clocks == "release"

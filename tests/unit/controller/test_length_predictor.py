@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from throttllem.controller.length_predictor import MIN_SAMPLES, LengthPredictor
+from throttllem.controller.length_predictor import MIN_SAMPLES, MIN_TAIL_SAMPLES, LengthPredictor
 
 
 def _trained(lengths: list[int], prompt: int = 500, quantile: float = 0.9) -> LengthPredictor:
@@ -119,3 +119,32 @@ def test_a_low_quantile_says_how_short_a_request_may_still_turn_out() -> None:
     assert cold.predict_many(*one[:2], np.array([0]), one[3], quantile=0.02)[0] < 129
     with pytest.raises(ValueError, match="quantile"):
         p.predict_many(*one, quantile=0.0)
+
+
+def test_a_thin_tail_in_its_bucket_is_read_from_every_buckets_lengths() -> None:
+    """A request that outlived nearly every length its own bucket has seen: a quantile of the
+    few longer ones would name the longest seen; the lengths of all prompts say more."""
+    p = _trained([10] * 200 + [40] * 4, prompt=500)  # 4 answers over 30 tokens, 16 needed
+    for n in range(1, 401):
+        p.observe(3000, n, predicted_at_arrival=n)  # another bucket: a long tail
+    pooled = p.predict(500, 4096, generated=30)
+    # The 90% quantile of the pooled lengths above 30 (31..400 and the four 40s), not 40.
+    tail = sorted([*range(31, 401), 40, 40, 40, 40])
+    assert pooled == tail[int(0.9 * len(tail))] == 363
+    one = np.array([500]), np.array([4096]), np.array([30]), np.array([0])
+    assert int(p.predict_many(*one)[0]) == pooled
+    # The bucket's own tail when it holds enough.
+    for _ in range(MIN_TAIL_SAMPLES):
+        p.observe(500, 50, predicted_at_arrival=50)
+    assert p.predict(500, 4096, generated=30) == 50
+
+
+def test_past_nearly_every_length_seen_the_high_quantile_is_max_tokens_the_low_the_next_token() -> (
+    None
+):
+    p = _trained(list(range(1, 1001)))
+    one = np.array([500]), np.array([4096]), np.array([995]), np.array([0])
+    assert p.predict(500, 4096, generated=995) == 4096
+    assert int(p.predict_many(*one)[0]) == 4096
+    # How short it may still be: unknown, so it may end at the next token.
+    assert int(p.predict_many(*one, quantile=0.02)[0]) == 996

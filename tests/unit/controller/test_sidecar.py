@@ -26,6 +26,7 @@ from throttllem.backend.twin.gpu import TwinGpu
 from throttllem.backend.twin.hardware import GpuSpec, default_catalog
 from throttllem.backend.twin.time_source import VirtualTime
 from throttllem.controller import sidecar as sidecar_module
+from throttllem.controller.control_loop import ControllerConfig
 from throttllem.controller.events import (
     Arrived,
     Event,
@@ -167,6 +168,7 @@ class Harness:
         watch_models: tuple[str, ...] = (),
         meter: ArrivalRateMeter | None = None,
         share_gpus: bool = False,
+        idle_clocks: str = "lock",
     ) -> None:
         self.spec = default_catalog().gpu("A100-SXM4-40GB")
         self.gpu_time = VirtualTime()
@@ -196,6 +198,10 @@ class Harness:
                 telemetry_timeout_s=TIMEOUT_S,
                 idle_power_w=idle_power_w,
                 watch_models=watch_models,
+                # Locked even while idle: these tests follow locks and resets through
+                # disconnects and restarts without traffic (the default releases an idle
+                # instance's lock: test_an_idle_instance_s_gpus_are_released_by_default).
+                controller=ControllerConfig(idle_clocks=idle_clocks),
             ),
             self._model,
             self._driver,
@@ -268,6 +274,23 @@ def arrived(request_id: int, t_s: float, prompt: int = 512) -> Arrived:
 
 
 # ---- (a) telemetry silence ---------------------------------------------------------------------
+
+
+def test_an_idle_instance_s_gpus_are_released_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Default clocks idle lower than any lock; the first arrival locks every GPU again."""
+    h = Harness(monkeypatch, idle_clocks="release")
+    try:
+        link = h.register("a:1")
+        h.sidecar.step()
+        assert h.locks("a:1") == [None, None] and h.resets("a:1") == 2
+        link.deliver([arrived(1, link.clock.t_s)])
+        h.sidecar.step()
+        locks = h.locks("a:1")
+        assert all(lock is not None for lock in locks) and locks[0] == locks[1]
+    finally:
+        h.sidecar.close()
 
 
 def test_first_step_locks_every_gpu_of_the_instance(harness: Harness) -> None:
