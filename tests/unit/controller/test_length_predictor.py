@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from throttllem.controller.length_predictor import MIN_SAMPLES, MIN_TAIL_SAMPLES, LengthPredictor
+from throttllem.controller.length_predictor import (
+    MIN_SAMPLES,
+    MIN_TAIL_SAMPLES,
+    TAIL_GROWTH,
+    LengthPredictor,
+)
 
 
 def _trained(lengths: list[int], prompt: int = 500, quantile: float = 0.9) -> LengthPredictor:
@@ -32,8 +37,9 @@ def test_a_request_that_outlives_its_prediction_gets_a_longer_one() -> None:
     first = p.predict(500, 4096)
     later = p.predict(500, 4096, generated=first + 10)
     assert later > first + 10
-    # Past every length seen: only max_tokens bounds it.
-    assert p.predict(500, 4096, generated=1000) == 4096
+    # Past every length seen: it may run as long again (TAIL_GROWTH), within max_tokens.
+    assert p.predict(500, 4096, generated=1000) == 2001
+    assert p.predict(500, 1500, generated=1000) == 1500
 
 
 def test_conditioned_on_prompt_length() -> None:
@@ -139,12 +145,12 @@ def test_a_thin_tail_in_its_bucket_is_read_from_every_buckets_lengths() -> None:
     assert p.predict(500, 4096, generated=30) == 50
 
 
-def test_past_nearly_every_length_seen_the_high_quantile_is_max_tokens_the_low_the_next_token() -> (
-    None
-):
+def test_past_nearly_every_length_seen_the_high_quantile_grows_the_low_is_the_next_token() -> None:
+    """Fewer than 16 lengths seen anywhere are longer than the 995 generated: a quantile of
+    them would be the longest seen; a tail has no scale, so it may run as long again."""
     p = _trained(list(range(1, 1001)))
     one = np.array([500]), np.array([4096]), np.array([995]), np.array([0])
-    assert p.predict(500, 4096, generated=995) == 4096
-    assert int(p.predict_many(*one)[0]) == 4096
+    assert p.predict(500, 4096, generated=995) == 995 * TAIL_GROWTH + 1 == 1991
+    assert int(p.predict_many(*one)[0]) == 1991
     # How short it may still be: unknown, so it may end at the next token.
     assert int(p.predict_many(*one, quantile=0.02)[0]) == 996
