@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from throttllem.controller.length_predictor import (
     MIN_SAMPLES,
     MIN_TAIL_SAMPLES,
-    TAIL_GROWTH,
     LengthPredictor,
 )
 
@@ -37,9 +38,10 @@ def test_a_request_that_outlives_its_prediction_gets_a_longer_one() -> None:
     first = p.predict(500, 4096)
     later = p.predict(500, 4096, generated=first + 10)
     assert later > first + 10
-    # Past every length seen: it may run as long again (TAIL_GROWTH), within max_tokens.
-    assert p.predict(500, 4096, generated=1000) == 2001
-    assert p.predict(500, 1500, generated=1000) == 1500
+    # Past every length seen: it runs on as the longest lengths seen did beyond the 32nd
+    # longest (969..1000: their median is 985 = 985/969 of it), within max_tokens.
+    assert p.predict(500, 4096, generated=1000) == math.ceil(1000 * 985 / 969) + 1 == 1018
+    assert p.predict(500, 1010, generated=1000) == 1010
 
 
 def test_conditioned_on_prompt_length() -> None:
@@ -145,12 +147,15 @@ def test_a_thin_tail_in_its_bucket_is_read_from_every_buckets_lengths() -> None:
     assert p.predict(500, 4096, generated=30) == 50
 
 
-def test_past_nearly_every_length_seen_the_high_quantile_grows_the_low_is_the_next_token() -> None:
+def test_past_nearly_every_length_seen_the_quantile_grows_as_the_longest_seen_did() -> None:
     """Fewer than 16 lengths seen anywhere are longer than the 995 generated: a quantile of
-    them would be the longest seen; a tail has no scale, so it may run as long again."""
-    p = _trained(list(range(1, 1001)))
-    one = np.array([500]), np.array([4096]), np.array([995]), np.array([0])
-    assert p.predict(500, 4096, generated=995) == 995 * TAIL_GROWTH + 1 == 1991
-    assert int(p.predict_many(*one)[0]) == 1991
-    # How short it may still be: unknown, so it may end at the next token.
-    assert int(p.predict_many(*one, quantile=0.02)[0]) == 996
+    them would be the longest seen. A tail has no scale but a shape: the longest lengths
+    relative to the 32nd longest say how far beyond g a length known to exceed g goes."""
+    heavy = _trained([10] * 400 + [100 * 2**i for i in range(6)] * 6)  # up to 3,200
+    light = _trained(list(range(1, 1001)))  # ends by 1,000
+    one = np.array([500]), np.array([8192]), np.array([995]), np.array([0])
+    assert int(heavy.predict_many(*one)[0]) > 2 * int(light.predict_many(*one)[0])
+    assert light.predict(500, 8192, generated=995) == math.ceil(995 * 997 / 969) + 1
+    # How short it may still be: about the next token, whatever the tail.
+    for p in (heavy, light):
+        assert int(p.predict_many(*one, quantile=0.02)[0]) == 996
