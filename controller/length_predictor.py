@@ -159,28 +159,31 @@ class LengthPredictor:
         every bucket where `samples` hold fewer than MIN_TAIL_SAMPLES of them; grown from
         `generated` as the longest lengths seen grow (_growth) where the pool does too.
         Within [generated + 1, max_tokens]."""
-        out = self._quantile_above(samples, generated, q, MIN_TAIL_SAMPLES)
+        out = self._quantile_above(samples, generated, q)
+        # The pool (and the tail's shape read from it) only where needed: rebuilt after every
+        # finished request, it would otherwise cost a sort in every decision that follows one.
         thin = out < 0
         if thin.any():
-            out[thin] = self._quantile_above(self._pool(), generated[thin], q, MIN_TAIL_SAMPLES)
+            out[thin] = self._quantile_above(self._pool(), generated[thin], q)
+            unknown = out < 0
+            if unknown.any():
+                # Next to nothing seen that long: the quantile grows with what the request has
+                # generated as the longest lengths seen grew (a low one: about the next token).
+                grown = np.ceil(generated[unknown] * self._growth(q)).astype(np.int64) + 1
+                out[unknown] = grown
         floor = np.minimum(generated + 1, max_tokens)
-        # Next to nothing seen that long: the quantile grows with what the request has
-        # generated as the longest lengths seen grew (a low one: about the next token).
-        growth = self._growth(q)
-        grown = np.minimum(np.ceil(generated * growth).astype(np.int64) + 1, max_tokens)
-        unknown = np.maximum(grown, floor)
-        return np.where(out < 0, unknown, np.maximum(floor, np.minimum(out, max_tokens)))
+        return np.maximum(floor, np.minimum(out, max_tokens))
 
     @staticmethod
     def _quantile_above(
-        samples: npt.NDArray[np.int64], generated: npt.NDArray[np.int64], q: float, least: int
+        samples: npt.NDArray[np.int64], generated: npt.NDArray[np.int64], q: float
     ) -> npt.NDArray[np.int64]:
-        """-1 where fewer than `least` samples are longer than `generated`."""
+        """-1 where fewer than MIN_TAIL_SAMPLES samples are longer than `generated`."""
         n = samples.shape[0]
         longer = np.searchsorted(samples, generated, side="right")
         pick = np.minimum(longer + (q * (n - longer)).astype(np.int64), max(n - 1, 0))
         value = samples[pick] if n else np.zeros_like(generated)
-        return np.where(n - longer < least, -1, value).astype(np.int64)
+        return np.where(n - longer < MIN_TAIL_SAMPLES, -1, value).astype(np.int64)
 
     def _pool(self) -> npt.NDArray[np.int64]:
         if self._pooled is None:
