@@ -41,6 +41,10 @@ class RequestDeadlines:
     # Tokens each running request may still generate if it turns out as short as plausible
     # (a low quantile of its length); None: one, i.e. it might end after the next iteration.
     running_shortest_remaining: IntArray | None = None
+    # Tokens each running request still generates if it turns out as long as it likely does
+    # (a quantile below the prediction's): where a request late even at maximum clock on its
+    # prediction is planned instead (choose_clock). None: at its prediction, i.e. never.
+    running_likely_remaining: IntArray | None = None
 
 
 class ChoiceKind(str, enum.Enum):
@@ -98,12 +102,16 @@ class _Constraints:
             self.guard[keep],
         )
 
+    def ending_at(self, end: IntArray) -> _Constraints:
+        return _Constraints(self.base_s, end, self.start, self.ids, self.guard)
+
 
 def _constraints(
-    now_s: float, proj: Projection, dl: RequestDeadlines, e2e_at_earliest: bool = False
+    now_s: float, proj: Projection, dl: RequestDeadlines, e2e_at: str = "predicted"
 ) -> _Constraints:
-    """`e2e_at_earliest`: each running request's E2E deadline as if it ended as early as it
-    plausibly can (the triage's question: could it still make it?)."""
+    """`e2e_at`: where each running request's E2E deadline is checked: at its predicted
+    (conservative) length, its shortest plausible one (the triage's question: could it still
+    make it?) or the one it likely reaches (running_likely_remaining)."""
     bases, ends, starts, ids, guards = [], [], [], [], []
     if dl.running_ids:
         last = proj.running_last_iter + 1
@@ -115,12 +123,16 @@ def _constraints(
         shortest = dl.running_shortest_remaining
         early = np.minimum(last, 1 if shortest is None else np.maximum(shortest, 1))
         early_gaps = np.maximum(dl.running_generated + early - 1, 1)
+        likely = last
+        if dl.running_likely_remaining is not None:
+            likely = np.minimum(last, np.maximum(dl.running_likely_remaining, 1))
         bases += [
             dl.running_e2e_deadline_s - now_s,
             dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
             dl.running_tbt_target_s * early_gaps + dl.running_first_token_s - now_s,
         ]
-        ends += [early if e2e_at_earliest else last, last, early]
+        e2e_end = {"predicted": last, "shortest": early, "likely": likely}[e2e_at]
+        ends += [e2e_end, last, early]
         starts += [zero, zero, zero]
         ids += list(dl.running_ids) * 3
         n = len(dl.running_ids)
@@ -180,7 +192,7 @@ def _hopeless_at_max(
     if not proj.horizon:
         return set()
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
-    cons = _constraints(now_s, proj, deadlines, e2e_at_earliest=True)
+    cons = _constraints(now_s, proj, deadlines, e2e_at="shortest")
     if not cons.ids:
         return set()
     cons = cons.subset(~cons.guard)
@@ -335,6 +347,7 @@ def choose_clock(
     top = len(clocks) - 1
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
     cons = _constraints(now_s, proj, deadlines)
+    likely_end = _constraints(now_s, proj, deadlines, e2e_at="likely").end
     at_max = _Check(float("inf"), None, (), 0.0)
     at_risk: list[str] = []  # guards even the maximum clock cannot keep
     if proj.horizon and cons.ids:
@@ -344,7 +357,24 @@ def choose_clock(
             at_risk = [cons.ids[i] for i in np.nonzero(failed_guard)[0]]
             keep = ~failed_guard
             cons, slack, span = cons.subset(keep), slack[keep], span[keep]
+            likely_end = likely_end[keep]
         at_max = _verdict(slack, span, first_s, cons, name_losses=True)
+        if at_max.negative:
+            # Late even at max clock on its conservative length, a request may still be on
+            # time at the length it likely reaches: planned at that length, it keeps its
+            # deadline without holding every request at maximum clock for a long tail that
+            # maximum clock could not save anyway.
+            late = set(at_max.negative)
+            lost_rows = np.array([i in late for i in cons.ids], dtype=bool)
+            trial = cons.ending_at(np.where(lost_rows, likely_end, cons.end))
+            t_slack, _, _ = _slack(table, top, margin, work, trial)
+            still = {trial.ids[i] for i in np.nonzero(t_slack < 0)[0]}
+            replanned = {r for r in at_max.negative if r not in still}
+            if replanned:
+                rows = np.array([i in replanned for i in cons.ids], dtype=bool)
+                cons = cons.ending_at(np.where(rows, likely_end, cons.end))
+                slack, span, first_s = _slack(table, top, margin, work, cons)
+                at_max = _verdict(slack, span, first_s, cons, name_losses=True)
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
     if hopeless:
