@@ -92,6 +92,9 @@ class _Constraints:
     # plausibly can. One that even the maximum clock cannot keep loses no request: it sends
     # the clock to maximum (choose_clock).
     guard: npt.NDArray[np.bool_]
+    # Where each constraint ends if its request reaches only its likely length: a running
+    # request's E2E deadline moves there; every other constraint ends at `end`.
+    likely_end: IntArray
 
     def subset(self, keep: npt.NDArray[np.bool_]) -> _Constraints:
         return _Constraints(
@@ -100,19 +103,21 @@ class _Constraints:
             self.start[keep],
             tuple(i for i, k in zip(self.ids, keep, strict=True) if k),
             self.guard[keep],
+            self.likely_end[keep],
         )
 
-    def ending_at(self, end: IntArray) -> _Constraints:
-        return _Constraints(self.base_s, end, self.start, self.ids, self.guard)
+    def at_likely(self, rows: npt.NDArray[np.bool_]) -> _Constraints:
+        """These rows checked at their likely end."""
+        end = np.where(rows, self.likely_end, self.end)
+        return _Constraints(self.base_s, end, self.start, self.ids, self.guard, self.likely_end)
 
 
 def _constraints(
-    now_s: float, proj: Projection, dl: RequestDeadlines, e2e_at: str = "predicted"
+    now_s: float, proj: Projection, dl: RequestDeadlines, e2e_at_earliest: bool = False
 ) -> _Constraints:
-    """`e2e_at`: where each running request's E2E deadline is checked: at its predicted
-    (conservative) length, its shortest plausible one (the triage's question: could it still
-    make it?) or the one it likely reaches (running_likely_remaining)."""
-    bases, ends, starts, ids, guards = [], [], [], [], []
+    """`e2e_at_earliest`: each running request's E2E deadline as if it ended as early as it
+    plausibly can (the triage's question: could it still make it?)."""
+    bases, ends, starts, ids, guards, likely_ends = [], [], [], [], [], []
     if dl.running_ids:
         last = proj.running_last_iter + 1
         zero = np.zeros_like(last)
@@ -131,8 +136,8 @@ def _constraints(
             dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
             dl.running_tbt_target_s * early_gaps + dl.running_first_token_s - now_s,
         ]
-        e2e_end = {"predicted": last, "shortest": early, "likely": likely}[e2e_at]
-        ends += [e2e_end, last, early]
+        ends += [early if e2e_at_earliest else last, last, early]
+        likely_ends += [likely, last, early]
         starts += [zero, zero, zero]
         ids += list(dl.running_ids) * 3
         n = len(dl.running_ids)
@@ -155,18 +160,20 @@ def _constraints(
         ):
             bases.append(np.where(np.isinf(targets), np.inf, base))
         ends += [first, last, last]
+        likely_ends += [first, last, last]
         starts += [zero, zero, first]
         ids += list(dl.queued_ids) * 3
         guards.append(np.zeros(3 * len(dl.queued_ids), dtype=bool))
     if not bases:
         empty = np.zeros(0, dtype=np.int64)
-        return _Constraints(np.zeros(0), empty, empty, (), np.zeros(0, dtype=bool))
+        return _Constraints(np.zeros(0), empty, empty, (), np.zeros(0, dtype=bool), empty)
     return _Constraints(
         np.concatenate(bases).astype(np.float64),
         np.concatenate(ends).astype(np.int64),
         np.concatenate(starts).astype(np.int64),
         tuple(ids),
         np.concatenate(guards),
+        np.concatenate(likely_ends).astype(np.int64),
     )
 
 
@@ -192,7 +199,7 @@ def _hopeless_at_max(
     if not proj.horizon:
         return set()
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
-    cons = _constraints(now_s, proj, deadlines, e2e_at="shortest")
+    cons = _constraints(now_s, proj, deadlines, e2e_at_earliest=True)
     if not cons.ids:
         return set()
     cons = cons.subset(~cons.guard)
@@ -347,7 +354,6 @@ def choose_clock(
     top = len(clocks) - 1
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
     cons = _constraints(now_s, proj, deadlines)
-    likely_end = _constraints(now_s, proj, deadlines, e2e_at="likely").end
     at_max = _Check(float("inf"), None, (), 0.0)
     at_risk: list[str] = []  # guards even the maximum clock cannot keep
     if proj.horizon and cons.ids:
@@ -357,7 +363,6 @@ def choose_clock(
             at_risk = [cons.ids[i] for i in np.nonzero(failed_guard)[0]]
             keep = ~failed_guard
             cons, slack, span = cons.subset(keep), slack[keep], span[keep]
-            likely_end = likely_end[keep]
         at_max = _verdict(slack, span, first_s, cons, name_losses=True)
         if at_max.negative:
             # Late even at max clock on its conservative length, a request may still be on
@@ -365,15 +370,15 @@ def choose_clock(
             # deadline without holding every request at maximum clock for a long tail that
             # maximum clock could not save anyway.
             late = set(at_max.negative)
-            lost_rows = np.array([i in late for i in cons.ids], dtype=bool)
-            trial = cons.ending_at(np.where(lost_rows, likely_end, cons.end))
-            t_slack, _, _ = _slack(table, top, margin, work, trial)
-            still = {trial.ids[i] for i in np.nonzero(t_slack < 0)[0]}
-            replanned = {r for r in at_max.negative if r not in still}
-            if replanned:
-                rows = np.array([i in replanned for i in cons.ids], dtype=bool)
-                cons = cons.ending_at(np.where(rows, likely_end, cons.end))
-                slack, span, first_s = _slack(table, top, margin, work, cons)
+            rows = np.array([i in late for i in cons.ids], dtype=bool)
+            rows &= cons.likely_end != cons.end
+            if rows.any():
+                t_slack, t_span, _ = _slack(table, top, margin, work, cons.at_likely(rows))
+                still = {cons.ids[i] for i in np.nonzero(t_slack < 0)[0]}
+                rows &= np.array([i not in still for i in cons.ids], dtype=bool)
+            if rows.any():  # replanned: only the moved rows' slack changes
+                cons = cons.at_likely(rows)
+                slack, span = np.where(rows, t_slack, slack), np.where(rows, t_span, span)
                 at_max = _verdict(slack, span, first_s, cons, name_losses=True)
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
