@@ -41,10 +41,6 @@ class RequestDeadlines:
     # Tokens each running request may still generate if it turns out as short as plausible
     # (a low quantile of its length); None: one, i.e. it might end after the next iteration.
     running_shortest_remaining: IntArray | None = None
-    # Tokens each running request still generates if it turns out as long as it likely does
-    # (a quantile below the prediction's): where a request late even at maximum clock on its
-    # prediction is planned instead (choose_clock). None: at its prediction, i.e. never.
-    running_likely_remaining: IntArray | None = None
 
 
 class ChoiceKind(str, enum.Enum):
@@ -92,9 +88,6 @@ class _Constraints:
     # plausibly can. One that even the maximum clock cannot keep loses no request: it sends
     # the clock to maximum (choose_clock).
     guard: npt.NDArray[np.bool_]
-    # Where each constraint ends if its request reaches only its likely length: a running
-    # request's E2E deadline moves there; every other constraint ends at `end`.
-    likely_end: IntArray
 
     def subset(self, keep: npt.NDArray[np.bool_]) -> _Constraints:
         return _Constraints(
@@ -103,13 +96,7 @@ class _Constraints:
             self.start[keep],
             tuple(i for i, k in zip(self.ids, keep, strict=True) if k),
             self.guard[keep],
-            self.likely_end[keep],
         )
-
-    def at_likely(self, rows: npt.NDArray[np.bool_]) -> _Constraints:
-        """These rows checked at their likely end."""
-        end = np.where(rows, self.likely_end, self.end)
-        return _Constraints(self.base_s, end, self.start, self.ids, self.guard, self.likely_end)
 
 
 def _constraints(
@@ -117,7 +104,7 @@ def _constraints(
 ) -> _Constraints:
     """`e2e_at_earliest`: each running request's E2E deadline as if it ended as early as it
     plausibly can (the triage's question: could it still make it?)."""
-    bases, ends, starts, ids, guards, likely_ends = [], [], [], [], [], []
+    bases, ends, starts, ids, guards = [], [], [], [], []
     if dl.running_ids:
         last = proj.running_last_iter + 1
         zero = np.zeros_like(last)
@@ -128,16 +115,12 @@ def _constraints(
         shortest = dl.running_shortest_remaining
         early = np.minimum(last, 1 if shortest is None else np.maximum(shortest, 1))
         early_gaps = np.maximum(dl.running_generated + early - 1, 1)
-        likely = last
-        if dl.running_likely_remaining is not None:
-            likely = np.minimum(last, np.maximum(dl.running_likely_remaining, 1))
         bases += [
             dl.running_e2e_deadline_s - now_s,
             dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
             dl.running_tbt_target_s * early_gaps + dl.running_first_token_s - now_s,
         ]
         ends += [early if e2e_at_earliest else last, last, early]
-        likely_ends += [likely, last, early]
         starts += [zero, zero, zero]
         ids += list(dl.running_ids) * 3
         n = len(dl.running_ids)
@@ -160,20 +143,18 @@ def _constraints(
         ):
             bases.append(np.where(np.isinf(targets), np.inf, base))
         ends += [first, last, last]
-        likely_ends += [first, last, last]
         starts += [zero, zero, first]
         ids += list(dl.queued_ids) * 3
         guards.append(np.zeros(3 * len(dl.queued_ids), dtype=bool))
     if not bases:
         empty = np.zeros(0, dtype=np.int64)
-        return _Constraints(np.zeros(0), empty, empty, (), np.zeros(0, dtype=bool), empty)
+        return _Constraints(np.zeros(0), empty, empty, (), np.zeros(0, dtype=bool))
     return _Constraints(
         np.concatenate(bases).astype(np.float64),
         np.concatenate(ends).astype(np.int64),
         np.concatenate(starts).astype(np.int64),
         tuple(ids),
         np.concatenate(guards),
-        np.concatenate(likely_ends).astype(np.int64),
     )
 
 
@@ -364,22 +345,6 @@ def choose_clock(
             keep = ~failed_guard
             cons, slack, span = cons.subset(keep), slack[keep], span[keep]
         at_max = _verdict(slack, span, first_s, cons, name_losses=True)
-        if at_max.negative:
-            # Late even at max clock on its conservative length, a request may still be on
-            # time at the length it likely reaches: planned at that length, it keeps its
-            # deadline without holding every request at maximum clock for a long tail that
-            # maximum clock could not save anyway.
-            late = set(at_max.negative)
-            rows = np.array([i in late for i in cons.ids], dtype=bool)
-            rows &= cons.likely_end != cons.end
-            if rows.any():
-                t_slack, t_span, _ = _slack(table, top, margin, work, cons.at_likely(rows))
-                still = {cons.ids[i] for i in np.nonzero(t_slack < 0)[0]}
-                rows &= np.array([i not in still for i in cons.ids], dtype=bool)
-            if rows.any():  # replanned: only the moved rows' slack changes
-                cons = cons.at_likely(rows)
-                slack, span = np.where(rows, t_slack, slack), np.where(rows, t_span, span)
-                at_max = _verdict(slack, span, first_s, cons, name_losses=True)
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
     if hopeless:

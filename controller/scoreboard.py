@@ -28,11 +28,6 @@ FORECAST_MIN_SPAN_S = 5.0
 # How short a running request may still turn out: this quantile of the lengths seen that are
 # longer than what it has generated (the shortest plausible end, for the clock policy's guard).
 SHORT_QUANTILE = 0.02
-# How long a running request likely turns out: one late even at maximum clock on its
-# conservative (90%) prediction but on time at this quantile is planned at it rather than
-# holding maximum clock (clock_policy.choose_clock). The upper quartile: on the matrix's code
-# cells the median lost requests that maximum clock saves (lowest attainment 98.97%), 0.75 none.
-LIKELY_QUANTILE = 0.75
 # Finished requests in the forecast window enough for a median length before the predictor
 # has learned the prompts arriving.
 MEDIAN_MIN_FINISHED = 8
@@ -253,7 +248,6 @@ class Scoreboard:
             ints([-(-(r.prompt_tokens + r.max_tokens) // tpb) for r in wait]),
         )
         shortest = many(*lengths_run, quantile=SHORT_QUANTILE)
-        likely = many(*lengths_run, quantile=LIKELY_QUANTILE)
         deadlines = RequestDeadlines(
             running_ids=tuple(r.key for r in run),
             running_e2e_deadline_s=floats([r.e2e_deadline_s for r in run]),
@@ -261,7 +255,6 @@ class Scoreboard:
             running_first_token_s=floats([r.first_token_s or 0.0 for r in run]),
             running_generated=generated_run,
             running_shortest_remaining=np.maximum(shortest - generated_run, 1),
-            running_likely_remaining=np.maximum(likely - generated_run, 1),
             queued_ids=tuple(r.key for r in wait),
             queued_ttft_deadline_s=floats([r.ttft_deadline_s for r in wait]),
             queued_e2e_deadline_s=floats([r.e2e_deadline_s for r in wait]),

@@ -163,31 +163,6 @@ def test_a_request_lost_only_at_its_predicted_length_is_not_given_up() -> None:
     assert choice.clock_mhz == 210 and "left out" in choice.reason
 
 
-def test_a_request_on_time_at_its_likely_length_is_planned_there_not_at_max() -> None:
-    """Late even at max clock on its predicted 100 tokens, on time at its likely 15: the
-    clock that keeps it on time at 15 tokens (below max), not the maximum clock for a length
-    that maximum clock could not save anyway."""
-    proj, dl = _scenario(e2e_s=1000.0)
-    late = np.array(dl.running_e2e_deadline_s)
-    late[3] = 0.3
-    likely = np.full(16, 15, np.int64)
-    fields = {**dl.__dict__, "running_e2e_deadline_s": late}
-    fields["running_shortest_remaining"] = np.full(16, 5, np.int64)
-    at_max = choose_clock(0.0, proj, RequestDeadlines(**fields), TABLE)
-    assert at_max.clock_mhz == 1410 and at_max.kind is ChoiceKind.MAX_LOST
-    planned = choose_clock(
-        0.0, proj, RequestDeadlines(**{**fields, "running_likely_remaining": likely}), TABLE
-    )
-    assert planned.lost_requests == () and planned.kind is ChoiceKind.SLO
-    assert 210 < planned.clock_mhz < 1410 and planned.tightest_request == "r3"
-    # Late at its likely length too: still worth the maximum clock (nearly saved).
-    likely[3] = 40
-    again = choose_clock(
-        0.0, proj, RequestDeadlines(**{**fields, "running_likely_remaining": likely}), TABLE
-    )
-    assert again.clock_mhz == 1410 and again.kind is ChoiceKind.MAX_LOST
-
-
 def test_tbt_target_binds_like_a_deadline() -> None:
     # 110 tokens, first token at t=0: a mean TBT of 13 ms allows 109 gaps x 13 ms = 1.42 s.
     free = choose_clock(0.0, *_scenario(e2e_s=1000.0), TABLE)
