@@ -28,6 +28,10 @@ class ArrivalForecast:
     # The predictor's median length for the mean prompt (0: not learned yet): how many gaps a
     # typical request spreads a prefill stall over (clock_policy.prefill_stalls_dominate).
     median_output_tokens: float = 0.0
+    # The arrival rate over scoreboard.SUSTAIN_WINDOW_S (0: use rate_per_s): what a backlog
+    # must keep up with. A queue may absorb a burst the E2E targets leave room for (the queued
+    # requests' own deadlines are checked); it must not outgrow the load of the last minutes.
+    sustained_rate_per_s: float = 0.0
 
     @property
     def per_iteration(self) -> float:
@@ -39,10 +43,6 @@ class ArrivalForecast:
 BACKLOG_AFTER_ITERATIONS = 2
 
 
-# A backlog is to be served within this time, on top of the arrivals.
-DRAIN_S = 30.0
-
-
 def backlog(proj: Projection) -> int:
     """Requests waiting for admission (a full batch or KV cache), not just for the next
     iteration."""
@@ -51,22 +51,23 @@ def backlog(proj: Projection) -> int:
 
 
 def lowest_sustaining_clock(
-    table: IpsTable, batch: int, kv_blocks: int, forecast: ArrivalForecast, waiting: int = 0
+    table: IpsTable, batch: int, kv_blocks: int, forecast: ArrivalForecast
 ) -> int:
-    """The lowest clock index at which a full engine keeps up with the arrivals and clears the
-    `waiting` requests within DRAIN_S.
+    """The lowest clock index at which a full engine keeps up with the sustained arrivals.
 
     Each request costs its prefill (what an iteration carrying its prompt takes beyond a
     decoding one) and its output tokens' share of decoding iterations at the current batch:
-    (rate + waiting / DRAIN_S) x (prefill + tokens x iteration / batch) must not exceed 1. At
-    exactly the arrival rate a queue does not shrink, and random arrivals grow it: the drain
-    term is what brings it down. The top index when no clock manages it.
+    rate x (prefill + tokens x iteration / batch) must not exceed 1, at the rate of the last
+    SUSTAIN_WINDOW_S (scoreboard). What already waits is not drained on a schedule of its own:
+    the queued requests' deadlines are in the projection, and they raise the clock when the
+    wait threatens them. The top index when no clock manages it.
     """
     batch = max(batch, 1)
     one = np.ones(1, dtype=np.int64)
     decode = table.seconds_all_clocks(one * batch, one * kv_blocks, one * 0)[:, 0]
     prefill = table.prefill_seconds(batch, kv_blocks, forecast.mean_prompt_tokens)
     tokens = forecast.finished_output_tokens or forecast.mean_output_tokens
-    utilisation = (forecast.rate_per_s + waiting / DRAIN_S) * (prefill + tokens * decode / batch)
+    rate = forecast.sustained_rate_per_s or forecast.rate_per_s
+    utilisation = rate * (prefill + tokens * decode / batch)
     ok = np.nonzero(utilisation <= 1.0)[0]
     return int(ok[0]) if ok.size else len(table.clocks_mhz) - 1

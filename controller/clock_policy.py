@@ -316,12 +316,11 @@ def choose_clock(
     margin = margin or Margin()
     # With a backlog, time not spent serving is never recovered while arrivals keep pace: the
     # wait grows for every later request, including those not yet arrived whose deadlines no
-    # check below can see. So the clock must at least keep up with the arrivals.
+    # check below can see. So the clock must at least keep up with the sustained arrivals.
     sustain = 0
-    waiting = backlog(proj)
-    if forecast is not None and forecast.rate_per_s > 0 and waiting:
+    if forecast is not None and forecast.rate_per_s > 0 and backlog(proj):
         sustain = lowest_sustaining_clock(
-            table, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast, waiting
+            table, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast
         )
     if forecast is not None and forecast.per_iteration > 0:
         proj = with_expected_arrivals(

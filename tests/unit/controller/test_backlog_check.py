@@ -6,7 +6,6 @@ import numpy as np
 from test_clock_policy import CLOCKS, COL, TABLE, AnalyticModel
 
 from throttllem.controller.backlog_check import (
-    DRAIN_S,
     ArrivalForecast,
     backlog,
     lowest_sustaining_clock,
@@ -49,7 +48,7 @@ def _full_engine(queued: int) -> tuple:
     return proj, dl
 
 
-def _utilisation(clock: int, batch: int, kv: int, f: ArrivalForecast, waiting: int = 0) -> float:
+def _utilisation(clock: int, batch: int, kv: int, f: ArrivalForecast) -> float:
     """The same arithmetic, from the analytic model itself (no table): a request costs what its
     prompt adds to an iteration, plus its tokens' share of decoding iterations."""
     model = AnalyticModel()
@@ -64,7 +63,7 @@ def _utilisation(clock: int, batch: int, kv: int, f: ArrivalForecast, waiting: i
     per_request = (seconds(f.mean_prompt_tokens) - seconds(0)) + (
         f.finished_output_tokens * seconds(0) / batch
     )
-    return (f.rate_per_s + waiting / DRAIN_S) * per_request
+    return (f.sustained_rate_per_s or f.rate_per_s) * per_request
 
 
 def test_a_full_batch_with_requests_waiting_is_a_backlog() -> None:
@@ -78,17 +77,35 @@ def test_a_full_batch_with_requests_waiting_is_a_backlog() -> None:
 
 
 def test_the_sustaining_clock_is_the_lowest_whose_utilisation_stays_at_most_one() -> None:
-    f = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120)
     clocks = FULL_TABLE.clocks_mhz
-    for waiting in (0, 60):
+    for f in (
+        ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120),
+        ArrivalForecast(
+            rate_per_s=9.0,
+            mean_prompt_tokens=800,
+            finished_output_tokens=120,
+            sustained_rate_per_s=6.0,
+        ),
+    ):
         # KV 0 is a grid point, and the model is linear in prompt tokens: the table is exact.
-        i = lowest_sustaining_clock(FULL_TABLE, 16, 0, f, waiting)
+        i = lowest_sustaining_clock(FULL_TABLE, 16, 0, f)
         assert 0 < i < len(clocks) - 1
-        assert _utilisation(clocks[i], 16, 0, f, waiting) <= 1.0
-        assert _utilisation(clocks[i - 1], 16, 0, f, waiting) > 1.0
-    # Requests already waiting are cleared within DRAIN_S on top of the arrivals: faster.
-    assert lowest_sustaining_clock(FULL_TABLE, 16, 0, f, 60) > lowest_sustaining_clock(
-        FULL_TABLE, 16, 0, f, 0
+        assert _utilisation(clocks[i], 16, 0, f) <= 1.0
+        assert _utilisation(clocks[i - 1], 16, 0, f) > 1.0
+
+
+def test_a_burst_above_the_sustained_rate_does_not_raise_the_sustaining_clock() -> None:
+    """The queued requests' deadlines speak for a burst; the backlog check for the load."""
+    steady = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120)
+    burst = ArrivalForecast(
+        rate_per_s=9.0, mean_prompt_tokens=800, finished_output_tokens=120, sustained_rate_per_s=6.0
+    )
+    busy = ArrivalForecast(rate_per_s=9.0, mean_prompt_tokens=800, finished_output_tokens=120)
+    assert lowest_sustaining_clock(FULL_TABLE, 16, 0, burst) == lowest_sustaining_clock(
+        FULL_TABLE, 16, 0, steady
+    )
+    assert lowest_sustaining_clock(FULL_TABLE, 16, 0, busy) > lowest_sustaining_clock(
+        FULL_TABLE, 16, 0, steady
     )
 
 
@@ -108,7 +125,7 @@ def test_with_a_backlog_the_clock_keeps_up_with_the_arrivals() -> None:
     proj, dl = _full_engine(queued=4)
     kept_up = choose_clock(0.0, proj, dl, FULL_TABLE, forecast=forecast)
     floor = lowest_sustaining_clock(
-        FULL_TABLE, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast, waiting=backlog(proj)
+        FULL_TABLE, int(proj.batch[0]), int(proj.kv_blocks[0]), forecast
     )
     assert kept_up.clock_mhz == int(FULL_TABLE.clocks_mhz[floor]) > min(CLOCKS)
     assert "backlog" in kept_up.reason and kept_up.kind is ChoiceKind.BACKLOG

@@ -127,6 +127,22 @@ def test_the_forecast_measures_arrival_rate_prompts_and_finished_lengths_over_it
     assert later.rate_per_s == 0.0 and later.finished_output_tokens == 0.0
 
 
+def test_the_sustained_rate_remembers_a_burst_longer_than_the_forecast_does() -> None:
+    """A backlog keeps up with the load of the last SUSTAIN_WINDOW_S, not the last 30 s: a
+    10 s burst at 5/s after 100 s at 1/s is 1.33/s sustained, 3.33/s by the forecast."""
+    sb = _board()
+    t = 0.0
+    while t < 100.0:
+        sb.on_arrived(Arrived(int(t * 10), t, prompt_tokens=100, max_tokens=500))
+        t += 1.0
+    while t < 110.0:
+        sb.on_arrived(Arrived(int(t * 10), t, prompt_tokens=100, max_tokens=500))
+        t += 0.2
+    f = sb.forecast(110.0)
+    assert f.rate_per_s == pytest.approx((20 + 50) / 30.0, rel=0.05)
+    assert f.sustained_rate_per_s == pytest.approx((100 + 50) / 110.0, rel=0.05)
+
+
 def test_the_iteration_time_is_right_from_the_first_iteration() -> None:
     """Started from zero, a plain moving average would read 1% of the truth after one
     iteration, and the forecast would expect a hundredth of the prefills of a busy start."""
