@@ -124,8 +124,10 @@ def check(rows: list[dict[str, Any]]) -> list[str]:
     ratios = [r["throttllem"]["energy_saving_vs_max"] / r["oracle"]["energy_saving_vs_max"]
               for r in with_oracle if r["oracle"]["energy_saving_vs_max"] > 0.01]  # fmt: skip
     if ratios:
-        lines.append(f"share of oracle's saving: mean {statistics.fmean(ratios):.2f}, min "
-                     f"{min(ratios):.2f} (goal >= 0.90)")  # fmt: skip
+        # Three places: a mean of 0.896 printed as 0.90 would read as the goal met.
+        mean = statistics.fmean(ratios)
+        lines.append(f"share of oracle's saving: mean {mean:.3f}, min {min(ratios):.2f} "
+                     f"(goal >= 0.90) {'yes' if mean >= 0.90 else 'NO'}")  # fmt: skip
     return lines
 
 
