@@ -115,6 +115,30 @@ def test_predict_many_agrees_with_predict() -> None:
     ]
 
 
+def test_predict_many_mixes_learned_and_cold_buckets_and_sees_new_lengths() -> None:
+    # Short prompts learned, long ones not: one call answers both; and lengths learned after a
+    # call are seen by the next (the stacked buckets are rebuilt).
+    rng = np.random.default_rng(5)
+    p = LengthPredictor(quantile=0.9)
+    for _ in range(300):
+        p.observe(int(rng.integers(1, 500)), int(rng.integers(1, 400)), 100)
+    prompts = np.array([10, 200, 300, 4000, 8000], dtype=np.int64)
+    maxes = np.full(5, 2000, dtype=np.int64)
+    generated = np.array([0, 50, 390, 0, 10], dtype=np.int64)
+    none = np.zeros(5, dtype=np.int64)
+
+    def one_by_one() -> list[int]:
+        return [p.predict(int(a), 2000, int(g)) for a, g in zip(prompts, generated, strict=True)]
+
+    assert p.predict_many(prompts, maxes, generated, none).tolist() == one_by_one()
+    before = p.predict_many(prompts, maxes, generated, none).tolist()
+    for _ in range(100):
+        p.observe(4000, 1500, 100)
+    after = p.predict_many(prompts, maxes, generated, none).tolist()
+    assert after == one_by_one()
+    assert after[3] > before[3]  # the long-prompt bucket has learned long answers
+
+
 def test_a_low_quantile_says_how_short_a_request_may_still_turn_out() -> None:
     p = _trained(list(range(1, 1001)), quantile=0.9)
     one = np.array([500]), np.array([4096]), np.array([100]), np.array([0])
