@@ -39,6 +39,8 @@ PRIOR_MEDIAN_TOKENS = 129.0
 PRIOR_SIGMA = 0.99
 # Offsets buckets from one another in LengthPredictor._stacked: above any output length.
 _STACK_STRIDE = 1 << 40
+# Every bucket's lengths end to end, each bucket's start in them, each bucket's count.
+_Stack = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 
 @dataclass
@@ -78,9 +80,7 @@ class LengthPredictor:
         self.quantile = quantile
         self._buckets = [_Bucket(window) for _ in range(buckets)]
         self._pooled: npt.NDArray[np.int64] | None = None
-        self._stack: (
-            tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None
-        ) = None
+        self._stack: _Stack | None = None
         self._errors: deque[tuple[int, int]] = deque(maxlen=4096)
 
     def _bucket(self, prompt_tokens: int) -> _Bucket:
@@ -139,8 +139,8 @@ class LengthPredictor:
         if not free.any():
             return out
         # Every request's quantile from one searchsorted over the buckets stacked end to end
-        # (bucket b's lengths offset by b x _STACK_STRIDE): a loop over the buckets cost a
-        # fifth of a simulated hour, in numpy calls on arrays of a few dozen requests.
+        # (bucket b's lengths offset by b x _STACK_STRIDE): a loop over the buckets took a
+        # fifth of a throttllem simulation's time, in numpy calls on a few dozen requests.
         pick_free = np.nonzero(free)[0]
         index = np.log2(np.maximum(prompt_tokens[pick_free], 1)).astype(np.int64) - 6
         index = np.clip(index, 0, len(self._buckets) - 1)
@@ -155,12 +155,10 @@ class LengthPredictor:
                 floor[pick_free][~learned], np.minimum(prior.astype(np.int64), cap[~learned])
             )
         if learned.any():
-            b, g, nb = index[learned], gen[learned], n[learned]
-            offset = b * _STACK_STRIDE
-            longer = np.searchsorted(stacked, offset + g, side="right") - starts[b]
-            pick = np.minimum(longer + (q * (nb - longer)).astype(np.int64), nb - 1)
-            value = stacked[starts[b] + pick] - offset
-            above = np.where(nb - longer < MIN_TAIL_SAMPLES, -1, value).astype(np.int64)
+            b, g = index[learned], gen[learned]
+            above = self._quantile_above(
+                stacked, g, q, start=starts[b], count=n[learned], offset=b * _STACK_STRIDE
+            )
             result[learned] = self._from_tail(above, g, cap[learned], q)
         out[pick_free] = result
         return out
@@ -203,18 +201,23 @@ class LengthPredictor:
 
     @staticmethod
     def _quantile_above(
-        samples: npt.NDArray[np.int64], generated: npt.NDArray[np.int64], q: float
+        samples: npt.NDArray[np.int64],
+        generated: npt.NDArray[np.int64],
+        q: float,
+        start: npt.NDArray[np.int64] | int = 0,
+        count: npt.NDArray[np.int64] | int | None = None,
+        offset: npt.NDArray[np.int64] | int = 0,
     ) -> npt.NDArray[np.int64]:
-        """-1 where fewer than MIN_TAIL_SAMPLES samples are longer than `generated`."""
-        n = samples.shape[0]
-        longer = np.searchsorted(samples, generated, side="right")
-        pick = np.minimum(longer + (q * (n - longer)).astype(np.int64), max(n - 1, 0))
-        value = samples[pick] if n else np.zeros_like(generated)
+        """The q-quantile of the sorted lengths samples[start : start + count] longer than
+        `generated`; -1 where fewer than MIN_TAIL_SAMPLES are. Per request, `start`, `count`
+        and the `offset` every length there carries: one bucket of _stacked each."""
+        n = samples.shape[0] if count is None else count
+        longer = np.searchsorted(samples, generated + offset, side="right") - start
+        pick = np.minimum(longer + (q * (n - longer)).astype(np.int64), np.maximum(n - 1, 0))
+        value = samples[start + pick] - offset if samples.shape[0] else np.zeros_like(generated)
         return np.where(n - longer < MIN_TAIL_SAMPLES, -1, value).astype(np.int64)
 
-    def _stacked(
-        self,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    def _stacked(self) -> _Stack:
         """Every bucket's sorted lengths end to end, bucket b's offset by b x _STACK_STRIDE
         (so the whole is sorted), with each bucket's start in it and its count."""
         if self._stack is None:

@@ -45,9 +45,9 @@ from .lengths import LengthSampler, LognormalLengths, true_output_len, uniform01
 from .messages import (
     IterationStatsBuilder,
     TokenSource,
-    append_token_responses,
     final_response,
     request_stats,
+    token_response,
     validate_request,
 )
 from .scheduler import ScheduledBatch, Scheduler, SchedulerLimits, Sequence
@@ -419,8 +419,11 @@ class TwinExecutor:
         for seq in out.first_tokens:
             if seq.first_token_s is None:
                 seq.first_token_s = end
-        append_token_responses(out.first_tokens, sched, tokens, ready)
-        append_token_responses(out.streamed, sched, tokens, ready)
+            if seq.streaming and seq.finish_reason is _NOT_FINISHED:
+                ready.append(token_response(seq, sched, tokens))
+        for seq in out.streamed:
+            if seq.finish_reason is _NOT_FINISHED:
+                ready.append(token_response(seq, sched, tokens))
         for seq in out.finished:
             ready.append(final_response(seq, sched, tokens, end))
         stats = self._stats_builder.build(

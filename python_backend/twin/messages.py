@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import random
-from collections.abc import Iterable
 
 from .errors import RequestError
 from .executor_api import (
@@ -38,7 +37,6 @@ from .scheduler import Phase, ScheduledBatch, Scheduler, SchedulerLimits, Sequen
 
 _POOL_SIZE = 4099  # prime: offsets of consecutive ids do not line up
 _ID_STRIDE = 2654435761  # Knuth's multiplicative hash constant: spreads ids over the pool
-_NOT_FINISHED = FinishReason.NOT_FINISHED
 
 
 def validate_request(
@@ -91,27 +89,23 @@ class TokenSource:
         rng = random.Random(seed)
         pool = [rng.randrange(vocab_size) for _ in range(_POOL_SIZE)]
         self._pool = pool
-        self.pool2 = pool + pool  # any window of up to _POOL_SIZE is one slice
-        self.seed = seed
+        self._pool2 = pool + pool  # any window of up to _POOL_SIZE is one slice
+        self._seed = seed
         self._vocab = vocab_size
-
-    def alternative(self, end_id: int) -> int:
-        """The token that stands in for `end_id` where the pool holds it."""
-        return (end_id + 1) % self._vocab
 
     def tokens(self, seq_id: int, start: int, stop: int, end_id: int | None) -> list[int]:
         """Token ids at output positions [start, stop) of request `seq_id`."""
         n = stop - start
         if n <= 0:
             return []
-        off = (seq_id * _ID_STRIDE + self.seed + start) % _POOL_SIZE
+        off = (seq_id * _ID_STRIDE + self._seed + start) % _POOL_SIZE
         if n <= _POOL_SIZE:
-            out = self.pool2[off : off + n]
+            out = self._pool2[off : off + n]
         else:
             pool = self._pool
             out = [pool[(off + i) % _POOL_SIZE] for i in range(n)]
         if end_id is not None and end_id in out:
-            alt = self.alternative(end_id)
+            alt = (end_id + 1) % self._vocab
             out = [alt if t == end_id else t for t in out]
         return out
 
@@ -137,31 +131,20 @@ def perf_metrics(seq: Sequence, end_s: float | None, iteration: int) -> RequestP
     )
 
 
-def append_token_responses(
-    seqs: Iterable[Sequence], sched: Scheduler, tokens: TokenSource, ready: list[Response]
-) -> None:
-    """For each streaming request of `seqs` still running, a response with the token it
-    generated this iteration, appended to `ready`. One call an iteration, not one a token: a
-    simulated hour streams over a million tokens, and this loop was a third of its time."""
-    pool2, end_alt = tokens.pool2, tokens.alternative
-    iteration = sched.iteration
-    for seq in seqs:
-        if seq.finish_reason is not _NOT_FINISHED or not seq.streaming:
-            continue
-        req = seq.payload[0]
-        seq_id = seq.seq_id
-        # The token at output position g - 1 (TokenSource.tokens, for one position).
-        token = pool2[(seq_id * _ID_STRIDE + tokens.seed + sched.generated(seq) - 1) % _POOL_SIZE]
-        if token == req.end_id:
-            token = end_alt(token)
-        config = req.output_config
-        result = Result(
-            False,
-            [[token]],
-            [_NOT_FINISHED],
-            perf_metrics(seq, None, iteration - 1) if config.return_perf_metrics else None,
-        )
-        ready.append(Response(seq_id, result, client_id=req.client_id))
+def token_response(seq: Sequence, sched: Scheduler, tokens: TokenSource) -> Response:
+    """A streaming request's response with the token it generated this iteration."""
+    req = seq.payload[0]
+    g = sched.generated(seq)
+    metrics = None
+    if req.output_config.return_perf_metrics:
+        metrics = perf_metrics(seq, None, sched.iteration - 1)
+    result = Result(
+        is_final=False,
+        output_token_ids=[tokens.tokens(seq.seq_id, g - 1, g, req.end_id)],
+        finish_reasons=[FinishReason.NOT_FINISHED],
+        request_perf_metrics=metrics,
+    )
+    return Response(seq.seq_id, result, client_id=req.client_id)
 
 
 def final_response(seq: Sequence, sched: Scheduler, tokens: TokenSource, end_s: float) -> Response:
