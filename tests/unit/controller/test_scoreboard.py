@@ -171,6 +171,25 @@ def test_running_requests_carry_their_shortest_plausible_remaining_length() -> N
     assert int(inputs.running.remaining_tokens[0]) > 150
 
 
+def test_while_requests_wait_the_running_ones_are_planned_at_a_likelier_length() -> None:
+    """Alone, a running request is planned at the predictor's 90% quantile; once another
+    waits for admission, at the median (scoreboard.WAITING_QUANTILE), and back when it enters."""
+    sb = Scoreboard(LengthPredictor(quantile=0.9), DEFAULT, tokens_per_block=64)
+    for k in range(200):
+        sb.predictor.observe(100, k + 1, k + 1)
+    sb.on_arrived(Arrived(1, 0.0, prompt_tokens=100, max_tokens=500))
+    sb.on_first_token(FirstToken(1, 0.2))
+    alone = int(sb.decision_inputs().running.remaining_tokens[0])
+    sb.on_arrived(Arrived(2, 0.3, prompt_tokens=100, max_tokens=500))
+    inputs = sb.decision_inputs()
+    waiting = int(inputs.running.remaining_tokens[0])
+    assert 170 <= alone <= 190 and 90 <= waiting <= 110  # of the lengths 2..200
+    # The waiting request's own length stays the long one: its deadlines are its own.
+    assert int(inputs.queued.output_tokens[0]) >= 170
+    sb.on_first_token(FirstToken(2, 0.4))
+    assert int(sb.decision_inputs().running.remaining_tokens[0]) == alone
+
+
 def test_the_forecast_gives_the_median_length_for_its_prompts_once_learned() -> None:
     sb = _board()
     sb.on_arrived(Arrived(0, 0.0, prompt_tokens=3000, max_tokens=500))
