@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,13 @@ def static_best(
     return best, clocks[lo]
 
 
+def _simulate_one(
+    name: str, workload: Workload, setup: EngineSetup, slo: Slo, prefill_clock: str
+) -> SimResult:
+    """One policy's run, in a worker process (compare's `jobs`)."""
+    return simulate(workload, setup, _build(name, setup, None, prefill_clock), slo)
+
+
 def compare(
     workload: Workload,
     setup: EngineSetup,
@@ -120,21 +128,39 @@ def compare(
     slo: Slo,
     progress: Callable[[str], None] | None = None,
     prefill_clock: str = "auto",
+    jobs: int = 1,
 ) -> Comparison:
     """Run every policy on the same arrivals; `max` always runs (it is the baseline).
-    `prefill_clock` is throttllem's and the oracle's (clock_policy.PREFILL_CLOCKS)."""
+    `prefill_clock` is throttllem's and the oracle's (clock_policy.PREFILL_CLOCKS). `jobs` > 1
+    runs the policies in that many processes at once: each run is seeded by `setup` alone, so
+    the results are the same as one after the other."""
     order = ["max", *[p for p in policies if p != "max"]]
     results: dict[str, SimResult] = {}
-    for name in order:
+    # static-best searches for max's attainment, so it runs after the others.
+    independent = [n for n in order if n != "static-best"]
+    if jobs > 1 and len(independent) > 1:
         if progress:
-            progress(f"simulating {name}")
-        if name == "static-best":
-            target = summarise(results["max"], slo, None).slo_attainment
-            results[name], mhz = static_best(workload, setup, slo, min(target, 0.99))
-            log.info("static-best: %d MHz", mhz)
-        else:
+            progress(f"simulating {', '.join(independent)} in {jobs} processes")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(independent))) as pool:
+            futures = {
+                n: pool.submit(_simulate_one, n, workload, setup, slo, prefill_clock)
+                for n in independent
+            }
+            for name in independent:
+                results[name] = futures[name].result()
+    else:
+        for name in independent:
+            if progress:
+                progress(f"simulating {name}")
             policy = _build(name, setup, progress, prefill_clock)
             results[name] = simulate(workload, setup, policy, slo)
+    if "static-best" in order:
+        if progress:
+            progress("simulating static-best")
+        target = summarise(results["max"], slo, None).slo_attainment
+        results["static-best"], mhz = static_best(workload, setup, slo, min(target, 0.99))
+        log.info("static-best: %d MHz", mhz)
+    results = {n: results[n] for n in order}
     base = results["max"].energy_j
     summaries = {n: summarise(r, slo, base) for n, r in results.items() if n in policies}
     return Comparison({n: results[n] for n in summaries}, summaries)

@@ -135,6 +135,24 @@ def test_compare_measures_savings_against_max_even_when_max_is_not_asked(
     assert s.clock_changes >= 1
 
 
+def test_policies_in_parallel_processes_give_the_results_of_one_after_the_other(
+    workload: Workload,
+) -> None:
+    slo = Slo(tbt_s=0.2, e2e_s=60.0)
+    names = ["static:1005", "pid", "oracle", "static-best"]
+    one = compare(workload, SETUP, names, slo)
+    many = compare(workload, SETUP, names, slo, jobs=2)
+    assert list(many.summaries) == list(one.summaries) == names  # in the order asked
+    for name in names:
+        assert many.summaries[name] == one.summaries[name], name
+    assert many.results["oracle"].choice_seconds == one.results["oracle"].choice_seconds
+
+
+def test_an_unknown_policy_in_a_worker_process_fails_the_comparison(workload: Workload) -> None:
+    with pytest.raises(PolicyError, match="unknown policy 'fastest'"):
+        compare(workload, SETUP, ["pid", "fastest"], Slo(tbt_s=0.2), jobs=2)
+
+
 def test_compare_static_best_matches_the_max_clock_attainment(workload: Workload) -> None:
     slo = TIGHT_TBT
     c = compare(workload, SETUP, ["max", "static-best"], slo)
