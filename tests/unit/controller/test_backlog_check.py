@@ -1,4 +1,5 @@
-"""The backlog check: with requests waiting for admission, the clock keeps up with arrivals."""
+"""The backlog check: with requests waiting for admission, the clock serves the arrivals within
+their E2E target (keeps up with them, or lets the queue grow only as far as the target absorbs)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ import numpy as np
 from test_clock_policy import CLOCKS, COL, TABLE, AnalyticModel
 
 from throttllem.controller.backlog_check import (
+    DRAIN_BUDGET_SHARE,
+    DRAIN_LOOKAHEAD_S,
     ArrivalForecast,
     backlog,
     lowest_sustaining_clock,
 )
-from throttllem.controller.clock_policy import ChoiceKind, RequestDeadlines, choose_clock
+from throttllem.controller.clock_policy import (
+    FLAT_ENERGY_SHARE,
+    ChoiceKind,
+    RequestDeadlines,
+    _top_of_the_flat,
+    choose_clock,
+)
 from throttllem.controller.ips_table import IpsTable
 from throttllem.controller.projection import (
     EngineLimits,
@@ -48,9 +57,10 @@ def _full_engine(queued: int) -> tuple:
     return proj, dl
 
 
-def _utilisation(clock: int, batch: int, kv: int, f: ArrivalForecast) -> float:
-    """The same arithmetic, from the analytic model itself (no table): a request costs what its
-    prompt adds to an iteration, plus its tokens' share of decoding iterations."""
+def _costs(clock: int, batch: int, kv: int, f: ArrivalForecast) -> tuple[float, float]:
+    """The same arithmetic, from the analytic model itself (no table): the engine seconds a
+    request costs (what its prompt adds to an iteration, plus its tokens' share of decoding
+    iterations) and its own time in service (its prefill and all its decoding iterations)."""
     model = AnalyticModel()
 
     def seconds(ctx: float) -> float:
@@ -60,10 +70,24 @@ def _utilisation(clock: int, batch: int, kv: int, f: ArrivalForecast) -> float:
             x[0, COL[name]] = value
         return float(1.0 / model.predict_ips(x)[0])
 
-    per_request = (seconds(f.mean_prompt_tokens) - seconds(0)) + (
-        f.finished_output_tokens * seconds(0) / batch
-    )
-    return (f.sustained_rate_per_s or f.rate_per_s) * per_request
+    prefill = seconds(f.mean_prompt_tokens) - seconds(0)
+    tokens = f.finished_output_tokens
+    return prefill + tokens * seconds(0) / batch, prefill + tokens * seconds(0)
+
+
+def _utilisation(clock: int, batch: int, kv: int, f: ArrivalForecast) -> float:
+    return (f.sustained_rate_per_s or f.rate_per_s) * _costs(clock, batch, kv, f)[0]
+
+
+def _wait_then_and_service(
+    clock: int, batch: int, kv: int, f: ArrivalForecast, waiting: int
+) -> tuple[float, float]:
+    """A request arriving DRAIN_LOOKAHEAD_S from now, with the queue grown at the arrival rate
+    minus the clock's service rate: its wait, and its own time in service."""
+    per_request, service = _costs(clock, batch, kv, f)
+    rate = f.sustained_rate_per_s or f.rate_per_s
+    queue = waiting + (rate - 1.0 / per_request) * DRAIN_LOOKAHEAD_S
+    return queue * per_request, service
 
 
 def test_a_full_batch_with_requests_waiting_is_a_backlog() -> None:
@@ -158,3 +182,90 @@ def test_all_clocks_at_once_equal_each_clock_in_turn() -> None:
     at_once = FULL_TABLE.seconds_all_clocks(batch, kv, ctx)
     in_turn = [FULL_TABLE.seconds(i, batch, kv, ctx) for i in range(len(FULL_TABLE.clocks_mhz))]
     assert np.array_equal(at_once, np.stack(in_turn))
+
+
+STEADY = ArrivalForecast(rate_per_s=6.0, mean_prompt_tokens=800, finished_output_tokens=120)
+
+
+def _with_target(f: ArrivalForecast, e2e_s: float) -> ArrivalForecast:
+    return ArrivalForecast(**{**f.__dict__, "e2e_target_s": e2e_s})
+
+
+def test_a_queue_the_e2e_target_absorbs_lets_the_clock_fall_below_keeping_up() -> None:
+    keep_up = lowest_sustaining_clock(FULL_TABLE, 16, 0, STEADY, waiting=4)
+    assert keep_up > 0
+    roomy = lowest_sustaining_clock(FULL_TABLE, 16, 0, _with_target(STEADY, 100.0), waiting=4)
+    assert roomy < keep_up
+    # A target that leaves no room for waiting, or a queue that already fills it: keep up.
+    tight = _with_target(STEADY, 1.0)
+    assert lowest_sustaining_clock(FULL_TABLE, 16, 0, tight, waiting=4) == keep_up
+    full = lowest_sustaining_clock(FULL_TABLE, 16, 0, _with_target(STEADY, 100.0), waiting=2000)
+    assert full == keep_up
+    # More waiting now: less room for the queue to grow, a clock at least as high.
+    assert (
+        roomy
+        <= lowest_sustaining_clock(FULL_TABLE, 16, 0, _with_target(STEADY, 100.0), waiting=300)
+        <= keep_up
+    )
+
+
+def test_below_keeping_up_the_clock_is_the_lowest_leaving_a_late_arrival_its_e2e_budget() -> None:
+    clocks = FULL_TABLE.clocks_mhz
+    f = _with_target(STEADY, 60.0)
+    i = lowest_sustaining_clock(FULL_TABLE, 16, 0, f, waiting=20)
+    keep_up = lowest_sustaining_clock(FULL_TABLE, 16, 0, STEADY, waiting=20)
+    assert 0 < i < keep_up
+    wait, service = _wait_then_and_service(clocks[i], 16, 0, f, 20)
+    assert wait > 0 and wait + service <= DRAIN_BUDGET_SHARE * 60.0
+    wait, service = _wait_then_and_service(clocks[i - 1], 16, 0, f, 20)
+    assert wait + service > DRAIN_BUDGET_SHARE * 60.0
+    assert _utilisation(clocks[i - 1], 16, 0, f) > 1.0
+
+
+def test_with_a_backlog_and_an_e2e_target_the_choice_rides_the_queue() -> None:
+    proj, dl = _full_engine(queued=4)
+    kept_up = choose_clock(0.0, proj, dl, FULL_TABLE, forecast=STEADY)
+    rides = choose_clock(0.0, proj, dl, FULL_TABLE, forecast=_with_target(STEADY, 40.0))
+    assert rides.kind is ChoiceKind.BACKLOG and kept_up.kind is ChoiceKind.BACKLOG
+    assert min(CLOCKS) < rides.clock_mhz < kept_up.clock_mhz
+    assert "E2E target" in rides.reason
+
+
+class PoweredModel(AnalyticModel):
+    """Power rising with f^2.5 over a static part: energy per iteration has a flat optimum."""
+
+    def has_power(self) -> bool:
+        return True
+
+    def predict_power_w(self, x: np.ndarray) -> np.ndarray:
+        f = x[:, COL["sm_clock_mhz"]] / 1410.0
+        return 100.0 + 300.0 * f**2.5
+
+
+POWERED = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=16, kv_capacity_blocks=2000)
+
+
+def test_with_a_backlog_the_energy_floor_takes_the_top_of_its_flat_optimum() -> None:
+    """Near the optimum a faster clock costs almost nothing per iteration, and with requests
+    waiting the time it saves is work not left for a later, costlier clock."""
+    none = ArrivalForecast()  # no rate: only the energy floor speaks
+    proj, dl = _full_engine(queued=0)
+    alone = choose_clock(0.0, proj, dl, POWERED, forecast=none)
+    proj, dl = _full_engine(queued=4)
+    waiting = choose_clock(0.0, proj, dl, POWERED, forecast=none)
+    assert alone.kind is waiting.kind is ChoiceKind.ENERGY_FLOOR
+    energy = POWERED.energy_per_iteration_j(int(proj.batch[0]), int(proj.kv_blocks[0]), False)
+    best = int(np.argmin(energy))
+    chosen = int(np.searchsorted(POWERED.clocks_mhz, waiting.clock_mhz))
+    assert chosen > best
+    assert energy[chosen] <= (1 + FLAT_ENERGY_SHARE) * energy[best] < energy[chosen + 1]
+    # With nobody waiting for a slot, the floor stays at the optimum of marginal energy.
+    marginal = POWERED.energy_per_iteration_j(16, int(_full_engine(0)[0].kv_blocks[0]), True)
+    assert alone.clock_mhz == POWERED.clocks_mhz[int(np.argmin(marginal))]
+
+
+def test_the_top_of_the_flat_stops_at_the_first_clock_above_it() -> None:
+    energy = np.array([5.0, 1.0, 1.01, 1.015, 1.05, 1.0, 2.0])
+    assert _top_of_the_flat(energy, 1) == 3  # 1.0 at index 5 is past a rise: not reached
+    assert _top_of_the_flat(np.array([3.0, 1.0, 1.01]), 1) == 2  # flat to the top
+    assert _top_of_the_flat(np.array([1.0, 2.0]), 0) == 0

@@ -127,6 +127,15 @@ def test_the_forecast_measures_arrival_rate_prompts_and_finished_lengths_over_it
     assert later.rate_per_s == 0.0 and later.finished_output_tokens == 0.0
 
 
+def test_the_forecast_carries_the_deployments_e2e_target_for_the_backlog_check() -> None:
+    sb = _board()
+    sb.on_arrived(Arrived(1, 0.0, prompt_tokens=100, max_tokens=500))
+    assert sb.forecast(1.0).e2e_target_s == 30.0
+    none = Scoreboard(LengthPredictor(), Slo(tbt_s=0.2), tokens_per_block=64)
+    none.on_arrived(Arrived(1, 0.0, prompt_tokens=100, max_tokens=500))
+    assert math.isinf(none.forecast(1.0).e2e_target_s)
+
+
 def test_the_sustained_rate_remembers_a_burst_longer_than_the_forecast_does() -> None:
     """A backlog keeps up with the load of the last SUSTAIN_WINDOW_S, not the last 30 s: a
     10 s burst at 5/s after 100 s at 1/s is 1.33/s sustained, 3.33/s by the forecast."""
