@@ -49,7 +49,7 @@ class ChoiceKind(str, enum.Enum):
     IDLE = "idle"  # nothing in flight
     SLO = "slo"  # the lowest clock meeting every SLO
     ENERGY_FLOOR = "energy_floor"  # the SLOs allow less, the energy-optimal clock is higher
-    BACKLOG = "backlog"  # keeping up with the arrivals while requests wait
+    BACKLOG = "backlog"  # serving the arrivals within their E2E target while requests wait
     MAX_LOST = "max_lost"  # requests miss an SLO even at max clock (nearly saved, overload)
     MAX_GUARD = "max_guard"  # a short request's guard even max clock cannot keep
     MAX_PREFILL = "max_prefill"  # prompts enter while requests decode (prefill_clock)
@@ -283,8 +283,9 @@ class Margin:
     seconds: float = 0.05
 
 
-# Near its optimum, energy per iteration hardly changes with the clock (a fixed clock on the
-# A100 twin: 41.6% saved at 705 MHz, 40.1% at 900, 34.1% at 1005). With a backlog the highest
+# Near its optimum, energy per iteration hardly changes with the clock (fixed clocks, conv
+# Llama-2-13B TP2 on the A100 twin at 0.9 load: 41.6% saved at 705 MHz, 40.1% at 900, 34.1% at
+# 1005; docs/controller.md item 9). With a backlog the highest
 # clock within this share of the optimum's energy is taken: the time it saves is work not left
 # for a later, faster clock, which costs more because power is convex in the clock.
 FLAT_ENERGY_SHARE = 0.02
