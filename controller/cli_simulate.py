@@ -202,16 +202,17 @@ def _simulate(args: argparse.Namespace) -> int:
         f"TTFT {ms(slo.ttft_s)}",
         file=sys.stderr,
     )
-    with tqdm(total=len(policies), desc="policies", unit="policy", file=sys.stderr) as bar:
+    runs = len(dict.fromkeys(["max", *policies]))  # max runs as the baseline, asked or not
+    with tqdm(total=runs, desc="policies", unit="policy", file=sys.stderr) as bar:
 
         def progress(message: str) -> None:
-            bar.set_postfix_str(message)
-            if message.startswith("simulating") and bar.n < len(policies):
-                bar.update(0)
+            if message.startswith("finished"):
+                bar.update(1)
+            else:
+                bar.set_postfix_str(message)
 
         jobs = args.jobs or os.cpu_count() or 1
         comparison = compare(workload, setup, policies, slo, progress, args.prefill_clock, jobs)
-        bar.update(len(policies))
     if args.out:
         written = write_outputs(comparison, args.out, slo)
         print(f"wrote {len(written)} files to {args.out}", file=sys.stderr)

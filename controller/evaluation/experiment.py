@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +133,8 @@ def compare(
     """Run every policy on the same arrivals; `max` always runs (it is the baseline).
     `prefill_clock` is throttllem's and the oracle's (clock_policy.PREFILL_CLOCKS). `jobs` > 1
     runs the policies in that many processes at once: each run is seeded by `setup` alone, so
-    the results are the same as one after the other."""
+    the results are the same as one after the other. `progress` hears "finished NAME" once per
+    policy run, `max` included."""
     order = ["max", *[p for p in policies if p != "max"]]
     results: dict[str, SimResult] = {}
     # static-best searches for max's attainment, so it runs after the others.
@@ -143,23 +144,29 @@ def compare(
             progress(f"simulating {', '.join(independent)} in {jobs} processes")
         with ProcessPoolExecutor(max_workers=min(jobs, len(independent))) as pool:
             futures = {
-                n: pool.submit(_simulate_one, n, workload, setup, slo, prefill_clock)
+                pool.submit(_simulate_one, n, workload, setup, slo, prefill_clock): n
                 for n in independent
             }
-            for name in independent:
-                results[name] = futures[name].result()
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if progress:
+                    progress(f"finished {futures[future]}")
     else:
         for name in independent:
             if progress:
                 progress(f"simulating {name}")
             policy = _build(name, setup, progress, prefill_clock)
             results[name] = simulate(workload, setup, policy, slo)
+            if progress:
+                progress(f"finished {name}")
     if "static-best" in order:
         if progress:
             progress("simulating static-best")
         target = summarise(results["max"], slo, None).slo_attainment
         results["static-best"], mhz = static_best(workload, setup, slo, min(target, 0.99))
         log.info("static-best: %d MHz", mhz)
+        if progress:
+            progress("finished static-best")
     results = {n: results[n] for n in order}
     base = results["max"].energy_j
     summaries = {n: summarise(r, slo, base) for n, r in results.items() if n in policies}

@@ -148,6 +148,14 @@ def test_policies_in_parallel_processes_give_the_results_of_one_after_the_other(
     assert many.results["oracle"].choice_seconds == one.results["oracle"].choice_seconds
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_progress_hears_each_policy_finish_once_max_included(workload: Workload, jobs: int) -> None:
+    heard: list[str] = []
+    compare(workload, SETUP, ["static:1005", "pid"], Slo(tbt_s=0.2), heard.append, jobs=jobs)
+    finished = sorted(m for m in heard if m.startswith("finished"))
+    assert finished == ["finished max", "finished pid", "finished static:1005"]
+
+
 def test_an_unknown_policy_in_a_worker_process_fails_the_comparison(workload: Workload) -> None:
     with pytest.raises(PolicyError, match="unknown policy 'fastest'"):
         compare(workload, SETUP, ["pid", "fastest"], Slo(tbt_s=0.2), jobs=2)
