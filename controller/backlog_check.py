@@ -86,11 +86,12 @@ def lowest_sustaining_clock(
     tokens = forecast.finished_output_tokens or forecast.mean_output_tokens
     rate = forecast.sustained_rate_per_s or forecast.rate_per_s
     per_request = prefill + tokens * decode / batch  # engine seconds each request takes
-    ok = rate * per_request <= 1.0
+    utilisation = rate * per_request
+    ok = utilisation <= 1.0
     if np.isfinite(forecast.e2e_target_s):
-        served = 1.0 / per_request  # requests per second at each clock
-        queue_then = waiting + (rate - served) * DRAIN_LOOKAHEAD_S
-        wait_then = queue_then / served
+        # The queue then, (waiting + (rate - 1 / per_request) x lookahead), in seconds of
+        # engine time: what a request arriving then waits.
+        wait_then = waiting * per_request + (utilisation - 1.0) * DRAIN_LOOKAHEAD_S
         service = prefill + tokens * decode
         ok |= wait_then + service <= DRAIN_BUDGET_SHARE * forecast.e2e_target_s
     index = np.nonzero(ok)[0]

@@ -285,9 +285,9 @@ class Margin:
 
 # Near its optimum, energy per iteration hardly changes with the clock (fixed clocks, conv
 # Llama-2-13B TP2 on the A100 twin at 0.9 load: 41.6% saved at 705 MHz, 40.1% at 900, 34.1% at
-# 1005; docs/controller.md item 9). With a backlog the highest
-# clock within this share of the optimum's energy is taken: the time it saves is work not left
-# for a later, faster clock, which costs more because power is convex in the clock.
+# 1005; docs/controller.md item 9). With a backlog the highest clock within this share of the
+# optimum's energy is taken: the time it saves is work not left for a later, faster clock,
+# which costs more because power is convex in the clock.
 FLAT_ENERGY_SHARE = 0.02
 
 

@@ -217,7 +217,7 @@ class Scoreboard:
             median,
             sustained_rate_per_s=len(self._arrivals)
             / max(now_s - self._arrivals[0], FORECAST_MIN_SPAN_S),
-            e2e_target_s=math.inf if self.default_slo.e2e_s is None else self.default_slo.e2e_s,
+            e2e_target_s=INF if self.default_slo.e2e_s is None else self.default_slo.e2e_s,
         )
 
     def attainment(self) -> float:

@@ -140,9 +140,14 @@ def compare(
     # static-best searches for max's attainment, so it runs after the others.
     independent = [n for n in order if n != "static-best"]
     if jobs > 1 and len(independent) > 1:
+        if "throttllem" in independent:
+            # Profiled and trained here, once and with progress, if not cached yet: the worker
+            # then loads it from the cache.
+            trained_model(setup, progress)
+        workers = min(jobs, len(independent))
         if progress:
-            progress(f"simulating {', '.join(independent)} in {jobs} processes")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(independent))) as pool:
+            progress(f"simulating {', '.join(independent)} in {workers} processes")
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {
                 pool.submit(_simulate_one, n, workload, setup, slo, prefill_clock): n
                 for n in independent

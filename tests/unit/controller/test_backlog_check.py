@@ -4,7 +4,7 @@ their E2E target (keeps up with them, or lets the queue grow only as far as the 
 from __future__ import annotations
 
 import numpy as np
-from test_clock_policy import CLOCKS, COL, TABLE, AnalyticModel
+from test_clock_policy import CLOCKS, COL, TABLE, AnalyticModel, PoweredModel
 
 from throttllem.controller.backlog_check import (
     DRAIN_BUDGET_SHARE,
@@ -229,17 +229,6 @@ def test_with_a_backlog_and_an_e2e_target_the_choice_rides_the_queue() -> None:
     assert rides.kind is ChoiceKind.BACKLOG and kept_up.kind is ChoiceKind.BACKLOG
     assert min(CLOCKS) < rides.clock_mhz < kept_up.clock_mhz
     assert "E2E target" in rides.reason
-
-
-class PoweredModel(AnalyticModel):
-    """Power rising with f^2.5 over a static part: energy per iteration has a flat optimum."""
-
-    def has_power(self) -> bool:
-        return True
-
-    def predict_power_w(self, x: np.ndarray) -> np.ndarray:
-        f = x[:, COL["sm_clock_mhz"]] / 1410.0
-        return 100.0 + 300.0 * f**2.5
 
 
 POWERED = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=16, kv_capacity_blocks=2000)
