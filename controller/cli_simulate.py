@@ -231,6 +231,9 @@ def _simulate(args: argparse.Namespace) -> int:
         choices = format_choices(comparison.results)
         if choices:
             print(choices)
+    if comparison.static_best_mhz is not None:
+        # An operator who would pin a clock wants the number, not only what it saves.
+        print(f"static-best: {comparison.static_best_mhz} MHz", file=sys.stderr)
     note = overload_note(comparison.summaries)
     if note:
         print(note, file=sys.stderr)

@@ -30,6 +30,7 @@ class PolicyError(ValueError):
 class Comparison:
     results: dict[str, SimResult]
     summaries: dict[str, PolicySummary]
+    static_best_mhz: int | None = None  # the clock static-best found, when it ran
 
 
 def trained_model(
@@ -164,6 +165,7 @@ def compare(
             results[name] = simulate(workload, setup, policy, slo)
             if progress:
                 progress(f"finished {name}")
+    mhz = None
     if "static-best" in order:
         if progress:
             progress("simulating static-best")
@@ -175,7 +177,7 @@ def compare(
     results = {n: results[n] for n in order}
     base = results["max"].energy_j
     summaries = {n: summarise(r, slo, base) for n, r in results.items() if n in policies}
-    return Comparison({n: results[n] for n in summaries}, summaries)
+    return Comparison({n: results[n] for n in summaries}, summaries, mhz)
 
 
 def write_outputs(comparison: Comparison, out: Path, slo: Slo) -> list[Path]:

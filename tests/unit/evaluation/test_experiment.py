@@ -169,6 +169,11 @@ def test_compare_static_best_matches_the_max_clock_attainment(workload: Workload
     best = c.summaries["static-best"]
     assert best.slo_attainment >= min(c.summaries["max"].slo_attainment, 0.99)
     assert best.energy_j < c.summaries["max"].energy_j
+    # The clock it found is reported, and is the clock of its run.
+    assert c.static_best_mhz is not None and c.static_best_mhz < CLOCKS[-1]
+    pinned = simulate(workload, SETUP, StaticClock(c.static_best_mhz), slo)
+    assert pinned.energy_j == c.results["static-best"].energy_j
+    assert compare(workload, SETUP, ["pid"], slo).static_best_mhz is None
 
 
 def test_an_unsupported_static_clock_is_refused_naming_the_valid_range(
