@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from throttllem.controller.clock_policy import PREFILL_CLOCKS
 from throttllem.controller.evaluation.capacity import (
     Capacity,
     find_capacity,
@@ -41,6 +40,7 @@ from throttllem.controller.evaluation.report import summarise
 from throttllem.controller.evaluation.simulator import EngineSetup, simulate
 from throttllem.controller.evaluation.workload import Workload, read_trace
 from throttllem.controller.events import Slo
+from throttllem.controller.prefill_clock import PREFILL_CLOCKS
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
 ENGINES = (("llama-3-8b", 1), ("llama-2-13b", 2))

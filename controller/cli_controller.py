@@ -144,7 +144,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings[key] = value
     if settings["driver"] not in ("auto", "twin", "nvml", "clockd"):
         raise UsageError(f"driver '{settings['driver']}': valid: auto, twin, nvml, clockd")
-    from .clock_policy import PREFILL_CLOCKS
+    from .prefill_clock import PREFILL_CLOCKS
 
     if settings["prefill_clock"] not in PREFILL_CLOCKS:
         raise UsageError(

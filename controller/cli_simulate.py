@@ -16,7 +16,7 @@ from .cli_simulate_scaling import add_scaling_arguments, simulate_scaling
 from .cli_twin import UsageError, guarded, resolve_engine
 from .events import Slo
 
-# clock_policy.PREFILL_CLOCKS, spelled out so that parsing does not import numpy (a test
+# prefill_clock.PREFILL_CLOCKS, spelled out so that parsing does not import numpy (a test
 # keeps the two equal).
 PREFILL_CLOCK_CHOICES = ("auto", "optimal", "max")
 

@@ -15,32 +15,21 @@ import numpy as np
 import numpy.typing as npt
 
 from .backlog_check import ArrivalForecast, backlog, lowest_sustaining_clock
-from .ips_table import IpsTable, PreparedWork
+from .ips_table import IpsTable
+from .prefill_clock import PREFILL_CLOCKS, prompts_at_max
 from .projection import Projection, with_expected_arrivals
+from .slo_slack import (
+    Check,
+    Margin,
+    RequestDeadlines,
+    check,
+    constraints,
+    hopeless_at_max,
+    slack_at,
+    verdict,
+)
 
 FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
-
-
-@dataclass(frozen=True)
-class RequestDeadlines:
-    """Per-request targets, aligned with the projection's running and queued arrays.
-
-    Absolute times in seconds (the caller's time base); `inf` where a request has no such SLO.
-    """
-
-    running_ids: tuple[str, ...]
-    running_e2e_deadline_s: FloatArray
-    running_tbt_target_s: FloatArray
-    running_first_token_s: FloatArray
-    running_generated: IntArray
-    queued_ids: tuple[str, ...]
-    queued_ttft_deadline_s: FloatArray
-    queued_e2e_deadline_s: FloatArray
-    queued_tbt_target_s: FloatArray
-    # Tokens each running request may still generate if it turns out as short as plausible
-    # (a low quantile of its length); None: one, i.e. it might end after the next iteration.
-    running_shortest_remaining: IntArray | None = None
 
 
 class ChoiceKind(str, enum.Enum):
@@ -66,221 +55,8 @@ class ClockChoice:
     kind: ChoiceKind = ChoiceKind.SLO
 
 
-@dataclass(frozen=True)
-class _Check:
-    min_slack_s: float
-    tightest: str | None
-    negative: tuple[str, ...]
-    first_iteration_s: float
-    hopeless: tuple[str, ...] = ()  # late even at this clock by more than HOPELESS_FRACTION
-
-
-@dataclass(frozen=True)
-class _Constraints:
-    """Every SLO as `slack = base - T[end] + T[start]`, T[i] the projected time at which
-    iteration i-1 ends (T[0] = 0). Built once per decision, evaluated once per clock tried."""
-
-    base_s: FloatArray
-    end: IntArray
-    start: IntArray
-    ids: tuple[str, ...]
-    # Guards are not SLOs but caution: the mean TBT if a request ended as early as it
-    # plausibly can. One that even the maximum clock cannot keep loses no request: it sends
-    # the clock to maximum (choose_clock).
-    guard: npt.NDArray[np.bool_]
-
-    def subset(self, keep: npt.NDArray[np.bool_]) -> _Constraints:
-        return _Constraints(
-            self.base_s[keep],
-            self.end[keep],
-            self.start[keep],
-            tuple(i for i, k in zip(self.ids, keep, strict=True) if k),
-            self.guard[keep],
-        )
-
-
-def _constraints(
-    now_s: float, proj: Projection, dl: RequestDeadlines, e2e_at_earliest: bool = False
-) -> _Constraints:
-    """`e2e_at_earliest`: each running request's E2E deadline as if it ended as early as it
-    plausibly can (the triage's question: could it still make it?)."""
-    bases, ends, starts, ids, guards = [], [], [], [], []
-    if dl.running_ids:
-        last = proj.running_last_iter + 1
-        zero = np.zeros_like(last)
-        gaps = np.maximum(dl.running_generated + proj.running_last_iter, 1)
-        # The mean TBT must hold however long the request turns out to be: at its predicted
-        # end, and at its shortest plausible end (a prediction errs long on purpose, and a
-        # prefill stall hurts a short request most: few gaps to spread it over).
-        shortest = dl.running_shortest_remaining
-        early = np.minimum(last, 1 if shortest is None else np.maximum(shortest, 1))
-        early_gaps = np.maximum(dl.running_generated + early - 1, 1)
-        bases += [
-            dl.running_e2e_deadline_s - now_s,
-            dl.running_tbt_target_s * gaps + dl.running_first_token_s - now_s,
-            dl.running_tbt_target_s * early_gaps + dl.running_first_token_s - now_s,
-        ]
-        ends += [early if e2e_at_earliest else last, last, early]
-        starts += [zero, zero, zero]
-        ids += list(dl.running_ids) * 3
-        n = len(dl.running_ids)
-        guards += [np.zeros(2 * n, dtype=bool), np.ones(n, dtype=bool)]
-    if dl.queued_ids:
-        beyond_first = proj.queued_first_iter < 0
-        beyond_last = proj.queued_last_iter < 0
-        first = np.maximum(proj.queued_first_iter, 0) + 1
-        last = np.where(beyond_last, proj.horizon, proj.queued_last_iter + 1)
-        zero = np.zeros_like(first)
-        gaps = np.maximum(last - first, 1)
-        # Not served within the horizon: any finite target counts as missed.
-        ttft = np.where(beyond_first, -np.inf, dl.queued_ttft_deadline_s - now_s)
-        e2e = np.where(beyond_last, -np.inf, dl.queued_e2e_deadline_s - now_s)
-        tbt = np.where(beyond_last, -np.inf, dl.queued_tbt_target_s * gaps)
-        for targets, base in (
-            (dl.queued_ttft_deadline_s, ttft),
-            (dl.queued_e2e_deadline_s, e2e),
-            (dl.queued_tbt_target_s, tbt),
-        ):
-            bases.append(np.where(np.isinf(targets), np.inf, base))
-        ends += [first, last, last]
-        starts += [zero, zero, first]
-        ids += list(dl.queued_ids) * 3
-        guards.append(np.zeros(3 * len(dl.queued_ids), dtype=bool))
-    if not bases:
-        empty = np.zeros(0, dtype=np.int64)
-        return _Constraints(np.zeros(0), empty, empty, (), np.zeros(0, dtype=bool))
-    return _Constraints(
-        np.concatenate(bases).astype(np.float64),
-        np.concatenate(ends).astype(np.int64),
-        np.concatenate(starts).astype(np.int64),
-        tuple(ids),
-        np.concatenate(guards),
-    )
-
-
-def _slack(
-    table: IpsTable, clock_index: int, margin: Margin, work: PreparedWork, cons: _Constraints
-) -> tuple[FloatArray, FloatArray, float]:
-    """Each constraint's slack at a clock, the time span it covers, and the next iteration's
-    duration."""
-    tau = table.seconds_prepared(clock_index, work)
-    t = np.empty(tau.shape[0] + 1)
-    t[0] = 0.0
-    np.cumsum(tau, out=t[1:])
-    span = t.take(cons.end) - t.take(cons.start)
-    slack = cons.base_s - span * (1.0 + margin.fraction) - margin.seconds
-    return slack, span, float(tau[0])
-
-
-def _hopeless_at_max(
-    now_s: float, proj: Projection, deadlines: RequestDeadlines, table: IpsTable, margin: Margin
-) -> set[str]:
-    """The requests late at max clock by more than HOPELESS_FRACTION even on `proj` (the work
-    already arrived) and with every running request ending as early as it plausibly can."""
-    if not proj.horizon:
-        return set()
-    work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
-    cons = _constraints(now_s, proj, deadlines, e2e_at_earliest=True)
-    if not cons.ids:
-        return set()
-    cons = cons.subset(~cons.guard)
-    top = len(table.clocks_mhz) - 1
-    return set(_verdict(*_slack(table, top, margin, work, cons), cons, True).hopeless)
-
-
-def _check(
-    proj: Projection,
-    table: IpsTable,
-    clock_index: int,
-    margin: Margin,
-    work: PreparedWork,
-    cons: _Constraints,
-    name_losses: bool = False,
-) -> _Check:
-    if proj.horizon == 0 or not cons.ids:
-        return _Check(float("inf"), None, (), 0.0)
-    return _verdict(*_slack(table, clock_index, margin, work, cons), cons, name_losses)
-
-
-def _verdict(
-    slack: FloatArray, span: FloatArray, first_s: float, cons: _Constraints, name_losses: bool
-) -> _Check:
-    if not cons.ids:
-        return _Check(float("inf"), None, (), first_s)
-    worst = int(np.argmin(slack))
-    negative: tuple[str, ...] = ()
-    hopeless: tuple[str, ...] = ()
-    if name_losses:
-        negative = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(slack < 0)[0]))
-        far = slack < -HOPELESS_FRACTION * span
-        hopeless = tuple(dict.fromkeys(cons.ids[i] for i in np.nonzero(far)[0]))
-    return _Check(float(slack[worst]), cons.ids[worst], negative, first_s, hopeless)
-
-
 # More lost requests than this share of those in flight means overload: maximum clock.
 OVERLOAD_LOST_SHARE = 0.05
-# A request late even at max clock by more than this share of the time it still needs is given
-# up (left out of the choice); one late by less is still worth the maximum clock.
-HOPELESS_FRACTION = 0.1
-
-
-# "optimal": an iteration carrying prompts runs at the clock the SLOs and the energy floor
-# pick, like any other. "max": at maximum clock while requests decode. For short-answer,
-# prompt-heavy traffic: every prefill stalls everyone decoding, a few-token answer has few
-# gaps to spread the stall over, and a slow prefill pushes those in flight into the next
-# burst's prompts. It buys attainment with energy (docs/controller.md, item 7). "auto": "max"
-# while prefill stalls dominate the traffic (prefill_stalls_dominate), else "optimal".
-PREFILL_CLOCKS = ("auto", "optimal", "max")
-# Prefill stalls dominate when one mean prompt's prefill, even at maximum clock, takes this
-# share of a typical request's mean-TBT budget ((median length - 1) x TBT target). Measured at
-# the decisions of matrix runs on the Azure traces: code 0.02-0.1 (10th-90th percentile, median
-# ~0.05), conversation below 0.008 (99th percentile).
-STALL_SHARE = 0.01
-
-
-def prefill_stalls_dominate(
-    table: IpsTable, proj: Projection, deadlines: RequestDeadlines, forecast: ArrivalForecast
-) -> bool:
-    """Whether the traffic is short answers to long prompts: a typical request's mean TBT is
-    decided by the prefills it sits through rather than by the decoding clock."""
-    targets = np.concatenate([deadlines.running_tbt_target_s, deadlines.queued_tbt_target_s])
-    targets = targets[np.isfinite(targets)]
-    if forecast.median_output_tokens <= 1 or not targets.size or not proj.horizon:
-        return False
-    batch, kv = int(proj.batch[0]), int(proj.kv_blocks[0])
-    stall = float(table.prefill_seconds(batch, kv, forecast.mean_prompt_tokens)[-1])
-    budget = (forecast.median_output_tokens - 1) * float(np.median(targets))
-    return stall >= STALL_SHARE * budget
-
-
-def _prompts_at_max(
-    setting: str,
-    table: IpsTable,
-    arrived: Projection,
-    deadlines: RequestDeadlines,
-    forecast: ArrivalForecast | None,
-) -> bool:
-    """Whether the next iteration carries prompts while requests decode and `setting` runs
-    such an iteration at maximum clock. `arrived`: the projection of the requests in flight
-    only (the forecast's expected prompts fill every iteration; they are no prefill now)."""
-    if not (arrived.horizon and int(arrived.ctx_tokens[0]) > 0 and deadlines.running_ids):
-        return False
-    if setting == "max":
-        return True
-    return (
-        setting == "auto"
-        and forecast is not None
-        and prefill_stalls_dominate(table, arrived, deadlines, forecast)
-    )
-
-
-@dataclass(frozen=True)
-class Margin:
-    """Slack every request must keep: a fraction of the time still to run (the projection and
-    the model err in proportion to it) plus a fixed part."""
-
-    fraction: float = 0.1
-    seconds: float = 0.05
 
 
 # Near its optimum, energy per iteration hardly changes with the clock (fixed clocks, conv
@@ -351,17 +127,17 @@ def choose_clock(
     clocks = table.clocks_mhz
     top = len(clocks) - 1
     work = table.prepare(proj.batch, proj.kv_blocks, proj.ctx_tokens)
-    cons = _constraints(now_s, proj, deadlines)
-    at_max = _Check(float("inf"), None, (), 0.0)
+    cons = constraints(now_s, proj, deadlines)
+    at_max = Check(float("inf"), None, (), 0.0)
     at_risk: list[str] = []  # guards even the maximum clock cannot keep
     if proj.horizon and cons.ids:
-        slack, span, first_s = _slack(table, top, margin, work, cons)
+        slack, span, first_s = slack_at(table, top, margin, work, cons)
         failed_guard = cons.guard & (slack < 0)
         if failed_guard.any():
             at_risk = [cons.ids[i] for i in np.nonzero(failed_guard)[0]]
             keep = ~failed_guard
             cons, slack, span = cons.subset(keep), slack[keep], span[keep]
-        at_max = _verdict(slack, span, first_s, cons, name_losses=True)
+        at_max = verdict(slack, span, first_s, cons, name_losses=True)
     lost = at_max.negative
     hopeless = set(at_max.hopeless)
     if hopeless:
@@ -370,7 +146,7 @@ def choose_clock(
         # the work already arrived (the forecast's expected prompts are a hedge) and its own
         # shortest plausible length (the predicted one errs long on purpose; on heavy-tailed
         # traffic a request outliving its prediction is predicted much longer at once).
-        hopeless &= _hopeless_at_max(now_s, arrived, deadlines, table, margin)
+        hopeless &= hopeless_at_max(now_s, arrived, deadlines, table, margin)
     nearly = tuple(r for r in lost if r not in hopeless)
     # Triage is for the odd hopeless request. When many are lost the engine is overloaded: a
     # slower clock would only lengthen the queue every later request waits in.
@@ -401,23 +177,23 @@ def choose_clock(
             guarded,
             ChoiceKind.MAX_GUARD,
         )
-    if _prompts_at_max(prefill_clock, table, arrived, deadlines, forecast):
+    if prompts_at_max(prefill_clock, table, arrived, deadlines, forecast):
         reason = f"max: prompts enter while requests decode (prefill_clock={prefill_clock})"
         return maximum(reason, None, ChoiceKind.MAX_PREFILL)
     if lost:
         cons = cons.subset(np.array([i not in lost_set for i in cons.ids], dtype=bool))
-        at_max = _check(proj, table, top, margin, work, cons)
+        at_max = check(proj, table, top, margin, work, cons)
     lo, hi, best = 0, top, at_max
     while lo < hi:
         mid = (lo + hi) // 2
-        result = _check(proj, table, mid, margin, work, cons)
+        result = check(proj, table, mid, margin, work, cons)
         if result.min_slack_s >= 0:
             hi, best = mid, result
         else:
             lo = mid + 1
     if sustain > lo:
         lo = sustain
-        best = _check(proj, table, lo, margin, work, cons)
+        best = check(proj, table, lo, margin, work, cons)
     chosen, kind = lo, ChoiceKind.SLO
     if proj.horizon == 0:
         reason, kind = "idle: nothing in flight", ChoiceKind.IDLE

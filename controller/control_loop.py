@@ -15,12 +15,14 @@ from typing import Protocol
 import numpy as np
 
 from .clock_governor import ClockGovernor, GovernorConfig
-from .clock_policy import PREFILL_CLOCKS, ChoiceKind, Margin, choose_clock
+from .clock_policy import ChoiceKind, choose_clock
 from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
 from .gpu.driver import ClockDriver, WriteOutcome
 from .ips_table import IpsTable
+from .prefill_clock import PREFILL_CLOCKS
 from .projection import EngineLimits, project
 from .scoreboard import Scoreboard, SloOutcome
+from .slo_slack import Margin
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class ControllerConfig:
     margin: Margin = field(default_factory=Margin)
     lost_fallback: str = "ignore"  # or "max", the paper's rule (see clock_policy.choose_clock)
     forecast: bool = True  # reserve time for the prefills of requests still to come
-    prefill_clock: str = "auto"  # or "optimal", "max" (clock_policy.PREFILL_CLOCKS)
+    prefill_clock: str = "auto"  # or "optimal", "max" (prefill_clock.PREFILL_CLOCKS)
     # With nothing in flight: "release" the lock (default clocks: the GPU idles at its lowest
     # clock and boosts by itself for an arrival until the next lock), or "lock" at the chosen
     # clock (for operators who want the GPU never to boost on its own).

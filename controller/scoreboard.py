@@ -16,10 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from .backlog_check import ArrivalForecast
-from .clock_policy import RequestDeadlines
 from .events import Arrived, Finish, Finished, FirstToken, InFlight, Iteration, Slo
 from .length_predictor import LengthPredictor
 from .projection import QueuedRequests, RunningRequests
+from .slo_slack import RequestDeadlines
 
 INF = math.inf
 # Arrivals remembered for the forecast, and the shortest span a rate is measured over.

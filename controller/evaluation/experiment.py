@@ -132,7 +132,7 @@ def compare(
     jobs: int = 1,
 ) -> Comparison:
     """Run every policy on the same arrivals; `max` always runs (it is the baseline).
-    `prefill_clock` is throttllem's and the oracle's (clock_policy.PREFILL_CLOCKS). `jobs` > 1
+    `prefill_clock` is throttllem's and the oracle's (prefill_clock.PREFILL_CLOCKS). `jobs` > 1
     runs the policies in that many processes at once: each run is seeded by `setup` alone, so
     the results are the same as one after the other. `progress` hears "finished NAME" once per
     policy run, `max` included."""

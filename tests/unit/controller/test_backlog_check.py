@@ -16,7 +16,6 @@ from throttllem.controller.backlog_check import (
 from throttllem.controller.clock_policy import (
     FLAT_ENERGY_SHARE,
     ChoiceKind,
-    RequestDeadlines,
     _top_of_the_flat,
     choose_clock,
 )
@@ -27,6 +26,7 @@ from throttllem.controller.projection import (
     RunningRequests,
     project,
 )
+from throttllem.controller.slo_slack import RequestDeadlines
 
 FULL = EngineLimits(max_batch_size=16, kv_capacity_blocks=2000, tokens_per_block=64)
 FULL_TABLE = IpsTable(AnalyticModel(), CLOCKS, tp=1, max_batch=16, kv_capacity_blocks=2000)

@@ -10,8 +10,6 @@ from throttllem.controller.clock_governor import ClockGovernor, GovernorConfig
 from throttllem.controller.clock_policy import (
     ChoiceKind,
     ClockChoice,
-    Margin,
-    RequestDeadlines,
     choose_clock,
 )
 from throttllem.controller.ips_table import IpsTable
@@ -22,6 +20,7 @@ from throttllem.controller.projection import (
     RunningRequests,
     project,
 )
+from throttllem.controller.slo_slack import Margin, RequestDeadlines
 
 CLOCKS = list(range(1410, 209, -15))
 COL = {name: i for i, name in enumerate(FEATURES)}

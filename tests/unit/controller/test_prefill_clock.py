@@ -11,16 +11,11 @@ from test_clock_policy import CLOCKS, LIMITS, TABLE
 from throttllem.controller.backlog_check import ArrivalForecast
 from throttllem.controller.cli import build_parser
 from throttllem.controller.cli_simulate import PREFILL_CLOCK_CHOICES
-from throttllem.controller.clock_policy import (
-    PREFILL_CLOCKS,
-    STALL_SHARE,
-    ChoiceKind,
-    RequestDeadlines,
-    choose_clock,
-    prefill_stalls_dominate,
-)
+from throttllem.controller.clock_policy import ChoiceKind, choose_clock
 from throttllem.controller.control_loop import ControllerConfig
+from throttllem.controller.prefill_clock import PREFILL_CLOCKS, STALL_SHARE, prefill_stalls_dominate
 from throttllem.controller.projection import QueuedRequests, RunningRequests, project
+from throttllem.controller.slo_slack import RequestDeadlines
 
 NONE = np.zeros(0, np.int64)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 from test_clock_policy import CLOCKS, LIMITS, TABLE
 
-from throttllem.controller.clock_policy import ChoiceKind, RequestDeadlines, choose_clock
+from throttllem.controller.clock_policy import ChoiceKind, choose_clock
 from throttllem.controller.projection import QueuedRequests, RunningRequests, project
+from throttllem.controller.slo_slack import RequestDeadlines
 
 TBT_S = 0.2
 
