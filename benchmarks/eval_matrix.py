@@ -124,7 +124,10 @@ def tuned_elsewhere(
 ) -> dict[str, Any] | None:
     """`row`'s window at the fixed clock static-best found on the other seed's window of the
     same trace, engine and load: what an operator who tuned a clock on yesterday's traffic
-    gets today. None when that other window was not measured."""
+    gets today. None when that other window was not measured, or with `start_share`: then
+    both seeds replay the same window."""
+    if start_share is not None:
+        return None
     other = next(
         (
             o
