@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from .backlog_check import ArrivalForecast, backlog, lowest_sustaining_clock
 from .ips_table import IpsTable
-from .prefill_clock import PREFILL_CLOCKS, prompts_at_max
+from .prefill_clock import PREFILL_CLOCKS, prefill_stalls_dominate, prompts_at_max
 from .projection import Projection, with_expected_arrivals
 from .slo_slack import (
     Check,
@@ -209,8 +209,14 @@ def choose_clock(
             # Below the energy-optimal clock a run lasts longer than it saves: never go there.
             # Time a faster clock saves is spent idle (idle power is paid anyway) unless
             # requests wait: then it goes to them, and whole iteration energy is the cost.
+            entering_prompts_dominate = bool(deadlines.queued_ids) and (
+                forecast is not None
+                and prefill_stalls_dominate(table, arrived, deadlines, forecast)
+            )
             energy = table.energy_per_iteration_j(
-                int(proj.batch[0]), int(proj.kv_blocks[0]), above_idle=not deadlines.queued_ids
+                int(proj.batch[0]),
+                int(proj.kv_blocks[0]),
+                above_idle=not (waiting or entering_prompts_dominate),
             )
             optimal = lo + int(np.argmin(energy[lo:]))
             if waiting:

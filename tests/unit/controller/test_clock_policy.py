@@ -16,6 +16,7 @@ from throttllem.controller.ips_table import IpsTable
 from throttllem.controller.perf_model import FEATURES
 from throttllem.controller.projection import (
     EngineLimits,
+    Projection,
     QueuedRequests,
     RunningRequests,
     project,
@@ -282,14 +283,34 @@ def test_the_idle_share_of_a_multi_gpu_engine_is_every_gpus_idle_power() -> None
     assert by_two.clock_mhz == by_one.clock_mhz
 
 
-def test_with_requests_waiting_the_floor_weighs_whole_iteration_energy() -> None:
-    """Time a faster clock saves goes to waiting requests, not to idling: the floor then counts
-    the whole energy of an iteration and sits higher than with nobody waiting."""
-    marginal = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000,
-                        idle_power_w=60.0)  # fmt: skip
-    nobody = choose_clock(0.0, *_scenario(e2e_s=1e6), marginal, margin=EXACT)
-    waiting = choose_clock(0.0, *_scenario(e2e_s=1e6, queued=4, ttft_s=1e6), marginal, margin=EXACT)
-    assert waiting.clock_mhz > nobody.clock_mhz
+POWERED = IpsTable(PoweredModel(), CLOCKS, tp=1, max_batch=64, kv_capacity_blocks=2000,
+                   idle_power_w=60.0)  # fmt: skip
+
+
+def _floor(proj: Projection, above_idle: bool) -> int:
+    energy = POWERED.energy_per_iteration_j(
+        int(proj.batch[0]), int(proj.kv_blocks[0]), above_idle=above_idle
+    )
+    return int(POWERED.clocks_mhz[int(np.argmin(energy))])
+
+
+def test_a_request_entering_at_the_next_iteration_keeps_the_floor_marginal() -> None:
+    """It waits for nothing: a faster clock's time saved would be spent idle, not on it. (The
+    whole-energy floor for any queued request held ~700 MHz for every arrival on conversation
+    traffic: a quarter of the time at 0.25 load.)"""
+    proj, dl = _scenario(e2e_s=1e6, queued=4, ttft_s=1e6)
+    assert proj.queued_first_iter.max() == 0  # admitted at once
+    entering = choose_clock(0.0, proj, dl, POWERED, margin=EXACT)
+    assert entering.clock_mhz == _floor(proj, above_idle=True) < _floor(proj, above_idle=False)
+
+
+def test_with_requests_waiting_for_admission_the_floor_weighs_whole_iteration_energy() -> None:
+    """Time a faster clock saves goes to the requests a full batch keeps waiting: the floor
+    counts the whole energy of an iteration (and takes the top of its flat optimum)."""
+    proj, dl = _scenario(e2e_s=1e6, n=64, queued=4, ttft_s=1e6)
+    assert (proj.queued_first_iter > 2).all()  # a backlog: they wait for slots
+    waiting = choose_clock(0.0, proj, dl, POWERED, margin=EXACT)
+    assert waiting.clock_mhz >= _floor(proj, above_idle=False) > _floor(proj, above_idle=True)
 
 
 def test_expected_arrivals_alone_never_make_a_request_hopeless() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_clock_policy import CLOCKS, LIMITS, TABLE
+from test_clock_policy import CLOCKS, LIMITS, POWERED, TABLE
 
 from throttllem.controller.backlog_check import ArrivalForecast
 from throttllem.controller.cli import build_parser
@@ -130,6 +130,21 @@ def test_auto_runs_prompts_at_max_when_answers_are_short_for_their_prompts() -> 
     assert "prefill_clock=auto" in short.reason
     long = choose_clock(0.0, proj, dl, TABLE, forecast=_traffic(301))
     assert long.clock_mhz < max(CLOCKS) and long.kind is not ChoiceKind.MAX_PREFILL
+
+
+def test_a_prompt_entering_short_answer_traffic_raises_the_floor_to_whole_energy() -> None:
+    """Where prompts dominate, a queued request's service is mostly its prefill: the time a
+    faster clock saves goes to it, so the floor counts the whole energy of an iteration, as
+    for a backlog. On decode-dominated traffic the same prompt keeps the marginal floor."""
+    proj, dl = _case(decoding=True, prompt_waiting=True)
+
+    def traffic(median_output: float) -> ArrivalForecast:  # the same load, only the median
+        return ArrivalForecast(0.5, 4000, 100, 0.03, median_output_tokens=median_output)
+
+    short = choose_clock(0.0, proj, dl, POWERED, forecast=traffic(6), prefill_clock="optimal")
+    long = choose_clock(0.0, proj, dl, POWERED, forecast=traffic(301), prefill_clock="optimal")
+    assert short.kind is long.kind is ChoiceKind.ENERGY_FLOOR
+    assert short.clock_mhz > long.clock_mhz
 
 
 def test_auto_needs_lengths_learned_and_a_tbt_target() -> None:
