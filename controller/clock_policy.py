@@ -75,6 +75,22 @@ def _top_of_the_flat(energy: FloatArray, optimal: int) -> int:
     return optimal + (int(beyond[0]) - 1 if beyond.size else len(within) - 1)
 
 
+def _prompt_service(
+    table: IpsTable,
+    arrived: Projection,
+    deadlines: RequestDeadlines,
+    forecast: ArrivalForecast | None,
+) -> bool:
+    """Whether the time a faster clock saves goes to a queued request about to enter: its
+    service is mostly its prefill (short-answer traffic), or the traffic is not known yet
+    (no lengths learned: the cautious answer)."""
+    if not deadlines.queued_ids:
+        return False
+    if forecast is None or forecast.median_output_tokens <= 1:
+        return True
+    return prefill_stalls_dominate(table, arrived, deadlines, forecast)
+
+
 def choose_clock(
     now_s: float,
     proj: Projection,
@@ -209,14 +225,10 @@ def choose_clock(
             # Below the energy-optimal clock a run lasts longer than it saves: never go there.
             # Time a faster clock saves is spent idle (idle power is paid anyway) unless
             # requests wait: then it goes to them, and whole iteration energy is the cost.
-            entering_prompts_dominate = bool(deadlines.queued_ids) and (
-                forecast is not None
-                and prefill_stalls_dominate(table, arrived, deadlines, forecast)
-            )
             energy = table.energy_per_iteration_j(
                 int(proj.batch[0]),
                 int(proj.kv_blocks[0]),
-                above_idle=not (waiting or entering_prompts_dominate),
+                above_idle=not (waiting or _prompt_service(table, arrived, deadlines, forecast)),
             )
             optimal = lo + int(np.argmin(energy[lo:]))
             if waiting:

@@ -300,8 +300,12 @@ def test_a_request_entering_at_the_next_iteration_keeps_the_floor_marginal() -> 
     traffic: a quarter of the time at 0.25 load.)"""
     proj, dl = _scenario(e2e_s=1e6, queued=4, ttft_s=1e6)
     assert proj.queued_first_iter.max() == 0  # admitted at once
-    entering = choose_clock(0.0, proj, dl, POWERED, margin=EXACT)
+    known = ArrivalForecast(median_output_tokens=301)  # lengths learned, no TBT stall at stake
+    entering = choose_clock(0.0, proj, dl, POWERED, margin=EXACT, forecast=known)
     assert entering.clock_mhz == _floor(proj, above_idle=True) < _floor(proj, above_idle=False)
+    # Until the traffic's lengths are learned nothing says its prompts are cheap: whole energy.
+    unknown = choose_clock(0.0, proj, dl, POWERED, margin=EXACT)
+    assert unknown.clock_mhz == _floor(proj, above_idle=False)
 
 
 def test_with_requests_waiting_for_admission_the_floor_weighs_whole_iteration_energy() -> None:
