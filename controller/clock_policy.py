@@ -224,7 +224,8 @@ def choose_clock(
         if energy_floor and table.has_power:
             # Below the energy-optimal clock a run lasts longer than it saves: never go there.
             # Time a faster clock saves is spent idle (idle power is paid anyway) unless
-            # requests wait: then it goes to them, and whole iteration energy is the cost.
+            # requests wait for it (a backlog, or prompts that are most of their service):
+            # then it goes to them, and whole iteration energy is the cost (item 4).
             energy = table.energy_per_iteration_j(
                 int(proj.batch[0]),
                 int(proj.kv_blocks[0]),
