@@ -52,8 +52,13 @@ KEYS = ("energy_j", "tokens_per_joule", "energy_saving_vs_max", "slo_attainment"
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration's arrivals, engine and SLO."""
+    """One configuration: what names it in the matrix, and its arrivals, engine and SLO."""
 
+    kind: str  # the trace: "conv" or "code"
+    model: str
+    tp: int
+    load: float
+    seed: int
     work: Workload
     setup: EngineSetup
     slo: Slo
@@ -61,7 +66,7 @@ class Cell:
 
 
 def build_cell(
-    trace: str,
+    kind: str,
     model: str,
     tp: int,
     load: float,
@@ -69,11 +74,10 @@ def build_cell(
     window_s: float,
     start_share: float | None = None,
 ) -> Cell:
-    kind = "code" if "code" in trace else "conv"
     base = EngineSetup(model=model, tp=tp)
     setup = EngineSetup(model=model, tp=tp, seed=seed)
     capacity = find_capacity(base, kind, 0)  # one SLO per engine, whatever the seed
-    arrivals = read_trace(TRACES / trace)
+    arrivals = read_trace(TRACES / f"AzureLLMInferenceTrace_{kind}.csv")
     if kind == "code":  # its bursts overload any share of the steady capacity: burst-aware
         capacity = find_trace_capacity(base, arrivals, capacity)
     slo = paper_slo(capacity)
@@ -85,26 +89,17 @@ def build_cell(
         # it (~1,100 requests), the same requests at every load, only re-timed.
         window_s = whole.duration_s / CODE_WINDOW_SHARE
     work = whole.window(start, window_s).clipped(setup.specs()[1].max_context)
-    return Cell(work, setup, slo, capacity)
+    return Cell(kind, model, tp, load, seed, work, setup, slo, capacity)
 
 
 def run_one(
-    trace: str,
-    model: str,
-    tp: int,
-    load: float,
-    seed: int,
-    window_s: float,
-    start_share: float | None = None,
-    prefill_clock: str = "auto",
-    policies: list[str] | None = None,
+    cell: Cell, prefill_clock: str = "auto", policies: list[str] | None = None
 ) -> dict[str, Any]:
-    cell = build_cell(trace, model, tp, load, seed, window_s, start_share)
     work, setup, slo, capacity = cell.work, cell.setup, cell.slo, cell.capacity
     policies = policies or POLICIES
     comparison = compare(work, setup, policies, slo, prefill_clock=prefill_clock)
-    kind = "code" if "code" in trace else "conv"
-    row: dict[str, Any] = {"trace": kind, "model": model, "tp": tp, "load": load, "seed": seed,
+    row: dict[str, Any] = {"trace": cell.kind, "model": cell.model, "tp": cell.tp,
+                           "load": cell.load, "seed": cell.seed,
                            "requests": len(work.requests), "capacity_per_s": capacity.rate_per_s,
                            "e2e_slo_s": capacity.p99_e2e_s}  # fmt: skip
     for name, s in comparison.summaries.items():
@@ -141,8 +136,7 @@ def tuned_elsewhere(
     if other is None:
         return None
     mhz = int(other["static-best"]["clock_mhz"])
-    trace = f"AzureLLMInferenceTrace_{row['trace']}.csv"
-    cell = build_cell(trace, row["model"], row["tp"], row["load"], row["seed"], window_s,
+    cell = build_cell(row["trace"], row["model"], row["tp"], row["load"], row["seed"], window_s,
                       start_share)  # fmt: skip
     result = simulate(cell.work, cell.setup, StaticClock(mhz), cell.slo)
     s = summarise(result, cell.slo, row["max"]["energy_j"])
@@ -259,12 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no traces at {TRACES} (../shared/data is absent)")
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
-    kinds = [k.strip() for k in args.traces.split(",") if k.strip()]
-    traces = [f"AzureLLMInferenceTrace_{k}.csv" for k in kinds if k in ("conv", "code")]
+    kinds = [k.strip() for k in args.traces.split(",") if k.strip() in ("conv", "code")]
     engines: tuple[tuple[str, int], ...] = ENGINES
     loads: tuple[float, ...] = LOADS
     if args.quick:
-        traces, engines, loads, seeds = traces[:1], ENGINES[:1], (0.25, 0.75), [0]
+        kinds, engines, loads, seeds = kinds[:1], ENGINES[:1], (0.25, 0.75), [0]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "matrix.jsonl"
     done = {}
@@ -273,26 +266,17 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(line)
             done[(r["trace"], r["model"], r["load"], r["seed"])] = r
     rows = []
-    for trace in traces:
+    for kind in kinds:
         for model, tp in engines:
             for load in loads:
                 for seed in seeds:
-                    key = ("code" if "code" in trace else "conv", model, load, seed)
+                    key = (kind, model, load, seed)
                     if key in done:
                         rows.append(done[key])
                         continue
                     t0 = time.monotonic()
-                    row = run_one(
-                        trace,
-                        model,
-                        tp,
-                        load,
-                        seed,
-                        args.window,
-                        args.start,
-                        args.prefill_clock,
-                        policies,
-                    )
+                    cell = build_cell(kind, model, tp, load, seed, args.window, args.start)
+                    row = run_one(cell, args.prefill_clock, policies)
                     row["wall_s"] = time.monotonic() - t0
                     rows.append(row)
                     with path.open("a") as f:

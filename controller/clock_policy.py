@@ -75,22 +75,6 @@ def _top_of_the_flat(energy: FloatArray, optimal: int) -> int:
     return optimal + (int(beyond[0]) - 1 if beyond.size else len(within) - 1)
 
 
-def _prompt_service(
-    table: IpsTable,
-    arrived: Projection,
-    deadlines: RequestDeadlines,
-    forecast: ArrivalForecast | None,
-) -> bool:
-    """Whether the time a faster clock saves goes to a queued request about to enter: its
-    service is mostly its prefill (short-answer traffic), or the traffic is not known yet
-    (no lengths learned: the cautious answer)."""
-    if not deadlines.queued_ids:
-        return False
-    if forecast is None or forecast.median_output_tokens <= 1:
-        return True
-    return prefill_stalls_dominate(table, arrived, deadlines, forecast)
-
-
 def choose_clock(
     now_s: float,
     proj: Projection,
@@ -121,6 +105,11 @@ def choose_clock(
             f"prefill_clock must be one of {', '.join(PREFILL_CLOCKS)}, got {prefill_clock!r}"
         )
     arrived = proj  # before the forecast adds its expected arrivals
+    # Whether prompts are most of a request's service (None: lengths not learned yet). Read by
+    # the prefill clock and the energy floor; only a queued request brings a prompt.
+    stalls: bool | None = None
+    if deadlines.queued_ids and forecast is not None and forecast.median_output_tokens > 1:
+        stalls = prefill_stalls_dominate(table, arrived, deadlines, forecast)
     margin = margin or Margin()
     # With a backlog, time not spent serving is never recovered while arrivals keep pace: the
     # wait grows for every later request, including those not yet arrived whose deadlines no
@@ -193,7 +182,7 @@ def choose_clock(
             guarded,
             ChoiceKind.MAX_GUARD,
         )
-    if prompts_at_max(prefill_clock, table, arrived, deadlines, forecast):
+    if prompts_at_max(prefill_clock, arrived, deadlines, stalls is True):
         reason = f"max: prompts enter while requests decode (prefill_clock={prefill_clock})"
         return maximum(reason, None, ChoiceKind.MAX_PREFILL)
     if lost:
@@ -226,10 +215,13 @@ def choose_clock(
             # Time a faster clock saves is spent idle (idle power is paid anyway) unless
             # requests wait for it (a backlog, or prompts that are most of their service):
             # then it goes to them, and whole iteration energy is the cost (item 4).
+            # A queued request gains the time saved when its prompt is most of its service,
+            # or when the traffic is not known yet (the cautious answer).
+            prompt_service = bool(deadlines.queued_ids) and stalls is not False
             energy = table.energy_per_iteration_j(
                 int(proj.batch[0]),
                 int(proj.kv_blocks[0]),
-                above_idle=not (waiting or _prompt_service(table, arrived, deadlines, forecast)),
+                above_idle=not (waiting or prompt_service),
             )
             optimal = lo + int(np.argmin(energy[lo:]))
             if waiting:

@@ -41,21 +41,12 @@ def prefill_stalls_dominate(
 
 
 def prompts_at_max(
-    setting: str,
-    table: IpsTable,
-    arrived: Projection,
-    deadlines: RequestDeadlines,
-    forecast: ArrivalForecast | None,
+    setting: str, arrived: Projection, deadlines: RequestDeadlines, stalls_dominate: bool
 ) -> bool:
     """Whether the next iteration carries prompts while requests decode and `setting` runs
     such an iteration at maximum clock. `arrived`: the projection of the requests in flight
-    only (the forecast's expected prompts fill every iteration; they are no prefill now)."""
+    only (the forecast's expected prompts fill every iteration; they are no prefill now).
+    `stalls_dominate`: prefill_stalls_dominate's answer for this decision ("auto")."""
     if not (arrived.horizon and int(arrived.ctx_tokens[0]) > 0 and deadlines.running_ids):
         return False
-    if setting == "max":
-        return True
-    return (
-        setting == "auto"
-        and forecast is not None
-        and prefill_stalls_dominate(table, arrived, deadlines, forecast)
-    )
+    return setting == "max" or (setting == "auto" and stalls_dominate)
