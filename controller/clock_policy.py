@@ -70,9 +70,10 @@ FLAT_ENERGY_SHARE = 0.02
 # Decoding is bound by memory bandwidth: above ~1,100 MHz a faster clock buys 1-2% more speed
 # for up to a third more energy per iteration (A100 twin, 13B TP2). So a request nearly saved
 # gets the lowest clock within this share of the maximum clock's speed on the next iteration,
-# not the maximum clock itself. Overload (throughput is what every queued request lacks), a
-# short request's guard and prompts entering (a stall every decoding request waits through,
-# compute-bound) keep the maximum clock: there each percent of speed did save requests.
+# not the maximum clock itself, where decoding makes the requests' time. Overload (throughput
+# is what every queued request lacks), a short request's guard, prompts entering (a stall
+# every decoding request waits through, compute-bound) and traffic whose prefill stalls
+# dominate keep the maximum clock: there each percent of speed did save requests.
 EFFECTIVE_MAX_SPEED_SHARE = 0.95
 
 
@@ -175,6 +176,15 @@ def choose_clock(
     in_flight = len(deadlines.running_ids) + len(deadlines.queued_ids)
     overloaded = len(lost) > max(1, OVERLOAD_LOST_SHARE * in_flight)
 
+    def decoding_bound() -> bool:
+        # Only where the lengths are learned and decoding, not prompts, makes the requests'
+        # time: each prompt's iteration is compute-bound (its time falls with the clock).
+        if forecast is None or forecast.median_output_tokens <= 1:
+            return False
+        if stalls is not None:
+            return not stalls
+        return not prefill_stalls_dominate(table, arrived, deadlines, forecast)
+
     def maximum(
         reason: str, tightest: str | None, kind: ChoiceKind, effective: bool
     ) -> ClockChoice:
@@ -191,7 +201,7 @@ def choose_clock(
             + (f" ({len(nearly)} nearly saved)" if nearly and lost_fallback != "max" else ""),
             at_max.tightest,
             ChoiceKind.MAX_LOST,
-            effective=not (overloaded or lost_fallback == "max"),
+            effective=not (overloaded or lost_fallback == "max") and decoding_bound(),
         )
     # A short request is at stake: every second of stall the maximum clock saves is one it
     # may need (in a burst, more prompts are coming). Not for a request lost anyway: that

@@ -151,7 +151,7 @@ def test_a_request_lost_only_at_its_predicted_length_is_not_given_up() -> None:
     kept = RequestDeadlines(
         **{**dl.__dict__, "running_e2e_deadline_s": late, "running_shortest_remaining": shortest}
     )
-    choice = choose_clock(0.0, proj, kept, TABLE)
+    choice = choose_clock(0.0, proj, kept, TABLE, forecast=LEARNED)
     assert choice.lost_requests == ("r3",)
     assert choice.clock_mhz == _effective_max(proj) and choice.kind is ChoiceKind.MAX_LOST
     # Even its shortest plausible end is too late: given up, the rest throttle.
@@ -220,6 +220,10 @@ def test_nothing_in_flight_is_an_idle_choice() -> None:
     assert idle.kind is ChoiceKind.IDLE and idle.reason.startswith("idle")
 
 
+# Lengths learned (a median of 301 tokens), no arrivals expected.
+LEARNED = ArrivalForecast(median_output_tokens=301)
+
+
 def _effective_max(proj: Projection) -> int:
     """The lowest clock at which the next iteration is within the share of its max-clock speed."""
     seconds = np.array(
@@ -234,15 +238,15 @@ def test_a_nearly_saved_request_gets_the_maximum_speed_not_the_maximum_clock() -
     """Decoding is bound by memory: the top few hundred MHz buy a few percent of speed for much
     more power. A request lost at max clock on its predicted length (but not on its shortest)
     is served within EFFECTIVE_MAX_SPEED_SHARE of the maximum's speed, at the lowest clock
-    that gives it."""
-    proj, dl = _scenario(e2e_s=1000.0)
+    that gives it, where decoding makes the requests' time."""
+    proj, dl = _scenario(e2e_s=1000.0, tbt_s=0.2)
     late = np.array(dl.running_e2e_deadline_s)
     late[3] = 0.3
     nearly = RequestDeadlines(
         **{**dl.__dict__, "running_e2e_deadline_s": late,
            "running_shortest_remaining": np.full(16, 5, np.int64)}
     )  # fmt: skip
-    choice = choose_clock(0.0, proj, nearly, TABLE)
+    choice = choose_clock(0.0, proj, nearly, TABLE, forecast=LEARNED)
     assert choice.kind is ChoiceKind.MAX_LOST and "nearly saved" in choice.reason
     chosen = int(np.searchsorted(TABLE.clocks_mhz, choice.clock_mhz))
     at = [TABLE.seconds(i, proj.batch[:1], proj.kv_blocks[:1], proj.ctx_tokens[:1])[0]
@@ -250,9 +254,15 @@ def test_a_nearly_saved_request_gets_the_maximum_speed_not_the_maximum_clock() -
     assert at[1] * EFFECTIVE_MAX_SPEED_SHARE <= at[2] < at[0] * EFFECTIVE_MAX_SPEED_SHARE
     assert 210 < choice.clock_mhz < 1410
     assert choice.predicted_ips == pytest.approx(1.0 / at[1])
-    # The paper's rule keeps the maximum clock itself.
-    paper = choose_clock(0.0, proj, nearly, TABLE, lost_fallback="max")
-    assert paper.clock_mhz == 1410
+    # The paper's rule keeps the maximum clock itself; so do traffic not learned yet and
+    # traffic whose prompts, compute-bound, make the requests' time (short answers to long
+    # prompts: prefill_stalls_dominate).
+    paper = choose_clock(0.0, proj, nearly, TABLE, lost_fallback="max", forecast=LEARNED)
+    unknown = choose_clock(0.0, proj, nearly, TABLE)
+    prompts = ArrivalForecast(median_output_tokens=3, mean_prompt_tokens=16000.0)
+    prompt_bound = choose_clock(0.0, proj, nearly, TABLE, forecast=prompts)
+    assert paper.clock_mhz == unknown.clock_mhz == prompt_bound.clock_mhz == 1410
+    assert prompt_bound.kind is unknown.kind is ChoiceKind.MAX_LOST
 
 
 def test_many_lost_requests_mean_overload_and_maximum_clock() -> None:
