@@ -79,6 +79,23 @@ def test_window_forgets_old_traffic() -> None:
     assert p.predict(500, 4096) == 10
 
 
+def test_a_request_outliving_the_prior_is_not_predicted_to_end_at_its_next_token() -> None:
+    """Before its bucket has learned, a request past the prior's 90% quantile is planned at
+    the prior's 90% quantile among longer lengths, growing as it generates; below that, and
+    for the low quantile that says how short it may still be, the prior is unchanged."""
+    p = LengthPredictor()
+    at_arrival = p.predict(1000, 4096)
+    assert p.predict(1000, 4096, generated=at_arrival - 2) == at_arrival
+    past = [p.predict(1000, 4096, generated=g) for g in (at_arrival, 600, 1000)]
+    assert past[0] > 2 * at_arrival and past[0] < past[1] < past[2]
+    assert p.predict(1000, 700, generated=600) == 700  # never above max_tokens
+    assert p.predict(1000, 4096, generated=600, quantile=0.1) == 601
+    many = p.predict_many(
+        np.array([1000, 1000]), np.array([4096, 4096]), np.array([10, 600]), np.array([0, 0])
+    )
+    assert list(many) == [at_arrival, past[1]]
+
+
 def test_prior_quantile_matches_a_lognormal_sample() -> None:
     rng = np.random.default_rng(0)
     sample = rng.lognormal(np.log(129), 0.99, 200_000)
