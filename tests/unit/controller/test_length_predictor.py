@@ -81,13 +81,13 @@ def test_window_forgets_old_traffic() -> None:
 
 def test_a_request_outliving_the_prior_is_not_predicted_to_end_at_its_next_token() -> None:
     """Before its bucket has learned, a request past the prior's 90% quantile is planned at
-    the prior's 90% quantile among longer lengths, growing as it generates; below that, and
-    for the low quantile that says how short it may still be, the prior is unchanged."""
+    the prior's median among longer lengths, growing as it generates; below that, and for the
+    low quantile that says how short it may still be, the prior is unchanged."""
     p = LengthPredictor()
     at_arrival = p.predict(1000, 4096)
     assert p.predict(1000, 4096, generated=at_arrival - 2) == at_arrival
     past = [p.predict(1000, 4096, generated=g) for g in (at_arrival, 600, 1000)]
-    assert past[0] > 2 * at_arrival and past[0] < past[1] < past[2]
+    assert past[0] > 1.3 * at_arrival and past[0] < past[1] < past[2]
     assert p.predict(1000, 700, generated=600) == 700  # never above max_tokens
     assert p.predict(1000, 4096, generated=600, quantile=0.1) == 601
     many = p.predict_many(
