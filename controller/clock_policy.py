@@ -9,6 +9,7 @@ What a real GPU needs on top (hysteresis, rate limits) is clock_governor.py's.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,11 +124,16 @@ def choose_clock(
             f"prefill_clock must be one of {', '.join(PREFILL_CLOCKS)}, got {prefill_clock!r}"
         )
     arrived = proj  # before the forecast adds its expected arrivals
-    # Whether prompts are most of a request's service (None: lengths not learned yet). Read by
-    # the prefill clock and the energy floor; only a queued request brings a prompt.
-    stalls: bool | None = None
-    if deadlines.queued_ids and forecast is not None and forecast.median_output_tokens > 1:
-        stalls = prefill_stalls_dominate(table, arrived, deadlines, forecast)
+
+    @functools.cache
+    def stalls_dominate() -> bool | None:
+        # Whether prompts are most of a request's service (None: lengths not learned yet).
+        # Read by the prefill clock, the energy floor and the maximum speed; asked once at most.
+        if forecast is None or forecast.median_output_tokens <= 1:
+            return None
+        return prefill_stalls_dominate(table, arrived, deadlines, forecast)
+
+    queued = bool(deadlines.queued_ids)  # only a queued request brings a prompt
     margin = margin or Margin()
     # With a backlog, time not spent serving is never recovered while arrivals keep pace: the
     # wait grows for every later request, including those not yet arrived whose deadlines no
@@ -176,15 +182,6 @@ def choose_clock(
     in_flight = len(deadlines.running_ids) + len(deadlines.queued_ids)
     overloaded = len(lost) > max(1, OVERLOAD_LOST_SHARE * in_flight)
 
-    def decoding_bound() -> bool:
-        # Only where the lengths are learned and decoding, not prompts, makes the requests'
-        # time: each prompt's iteration is compute-bound (its time falls with the clock).
-        if forecast is None or forecast.median_output_tokens <= 1:
-            return False
-        if stalls is not None:
-            return not stalls
-        return not prefill_stalls_dominate(table, arrived, deadlines, forecast)
-
     def maximum(
         reason: str, tightest: str | None, kind: ChoiceKind, effective: bool
     ) -> ClockChoice:
@@ -201,7 +198,9 @@ def choose_clock(
             + (f" ({len(nearly)} nearly saved)" if nearly and lost_fallback != "max" else ""),
             at_max.tightest,
             ChoiceKind.MAX_LOST,
-            effective=not (overloaded or lost_fallback == "max") and decoding_bound(),
+            # Only where the lengths are learned and decoding, not prompts (compute-bound),
+            # makes the requests' time.
+            effective=not (overloaded or lost_fallback == "max") and stalls_dominate() is False,
         )
     # A short request is at stake: every second of stall the maximum clock saves is one it
     # may need (in a burst, more prompts are coming). Not for a request lost anyway: that
@@ -216,7 +215,7 @@ def choose_clock(
             ChoiceKind.MAX_GUARD,
             effective=False,
         )
-    if prompts_at_max(prefill_clock, arrived, deadlines, stalls is True):
+    if prompts_at_max(prefill_clock, arrived, deadlines, queued and stalls_dominate() is True):
         reason = f"max: prompts enter while requests decode (prefill_clock={prefill_clock})"
         return maximum(reason, None, ChoiceKind.MAX_PREFILL, effective=False)
     if lost:
@@ -251,7 +250,7 @@ def choose_clock(
             # then it goes to them, and whole iteration energy is the cost (item 4).
             # A queued request gains the time saved when its prompt is most of its service,
             # or when the traffic is not known yet (the cautious answer).
-            prompt_service = bool(deadlines.queued_ids) and stalls is not False
+            prompt_service = queued and stalls_dominate() is not False
             energy = table.energy_per_iteration_j(
                 int(proj.batch[0]),
                 int(proj.kv_blocks[0]),

@@ -108,7 +108,7 @@ class LengthPredictor:
             return max(floor, min(hint, max_tokens))
         samples = self._bucket(prompt_tokens).array()
         if samples.shape[0] < MIN_SAMPLES:
-            prior = math.ceil(self._prior_beyond(q, generated))
+            prior = math.ceil(float(self._prior_beyond(q, np.array([generated]))[0]))
             return max(floor, min(prior, max_tokens))
         return int(
             self._tail_quantile(
@@ -150,7 +150,7 @@ class LengthPredictor:
         result = np.empty(pick_free.shape[0], dtype=np.int64)
         learned = n >= MIN_SAMPLES
         if not learned.all():
-            prior = np.ceil([self._prior_beyond(q, int(g)) for g in gen[~learned]])
+            prior = np.ceil(self._prior_beyond(q, gen[~learned]))
             result[~learned] = np.maximum(
                 floor[pick_free][~learned], np.minimum(prior.astype(np.int64), cap[~learned])
             )
@@ -247,8 +247,10 @@ class LengthPredictor:
     def _prior_tokens(self, quantile: float) -> float:
         return PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * NormalDist().inv_cdf(quantile))
 
-    def _prior_beyond(self, quantile: float, generated: int) -> float:
-        """The prior's prediction for a request that has generated `generated` tokens: its
+    def _prior_beyond(
+        self, quantile: float, generated: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float64]:
+        """The prior's prediction for requests that have generated `generated` tokens: its
         quantile, until the request outlives it; then, for a planning quantile (>= 0.5), the
         median of the prior's lengths longer than `generated`. Otherwise the request would be
         predicted to end at its next token, decision after decision, while the clock ran slow
@@ -258,14 +260,17 @@ class LengthPredictor:
         prediction, conv 0.4-5.5 points). The low quantile that says how short a request may
         still be is left as it was."""
         unconditional = self._prior_tokens(quantile)
-        if quantile < 0.5 or generated + 1 < unconditional:
-            return max(unconditional, generated + 1)
+        out = np.maximum(unconditional, generated + 1).astype(np.float64)
+        if quantile < 0.5:
+            return out
+        # Past the quantile is rare (long answers in unlearned buckets): one by one.
         normal = NormalDist()
-        below = normal.cdf(math.log(generated / PRIOR_MEDIAN_TOKENS) / PRIOR_SIGMA)
-        share = min(below + 0.5 * (1.0 - below), 1.0 - 1e-12)
-        return max(
-            PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * normal.inv_cdf(share)), generated + 1
-        )
+        for i in np.nonzero(generated + 1 >= unconditional)[0]:
+            g = int(generated[i])
+            below = normal.cdf(math.log(g / PRIOR_MEDIAN_TOKENS) / PRIOR_SIGMA)
+            share = min(below + 0.5 * (1.0 - below), 1.0 - 1e-12)
+            out[i] = max(PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * normal.inv_cdf(share)), g + 1)
+        return out
 
     def observe(self, prompt_tokens: int, output_tokens: int, predicted_at_arrival: int) -> None:
         """Learn from a finished request (not from cancelled ones: their length is unknown)."""
