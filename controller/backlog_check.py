@@ -20,10 +20,14 @@ class ArrivalForecast:
 
     rate_per_s: float = 0.0
     mean_prompt_tokens: float = 0.0
-    mean_output_tokens: float = 0.0  # predicted (conservative): sizes the projected load
+    # The predictor's (conservative) length for the mean prompt: how long the expected arrivals
+    # stay in the projected batch until lengths are learned, and where prompts dominate
+    # (clock_policy.stream_output_tokens).
+    mean_output_tokens: float = 0.0
     iteration_s: float = 0.0  # recent mean iteration time: turns the rate into per iteration
     # Mean tokens the recently finished requests generated (0: none finished yet): what the
-    # arrivals will ask of the engine on average, for the backlog check.
+    # arrivals will ask of the engine on average, for the backlog check, and the length of the
+    # expected arrivals once lengths are learned and decoding dominates.
     finished_output_tokens: float = 0.0
     # The predictor's median length for the mean prompt (0: not learned yet): how many gaps a
     # typical request spreads a prefill stall over (clock_policy.prefill_stalls_dominate).

@@ -86,6 +86,21 @@ def _effective_max(table: IpsTable, proj: Projection) -> int:
     return int(np.argmax(seconds <= seconds[-1] / EFFECTIVE_MAX_SPEED_SHARE))
 
 
+def stream_output_tokens(forecast: ArrivalForecast, stalls_dominate: bool | None) -> float:
+    """How many tokens each request of the expected-arrivals stream generates in the projection.
+
+    The stream stands for many requests at once, and a sum of many lengths is near their mean,
+    not near each one's conservative quantile (the same reasoning as the median planning of
+    running requests while others wait, docs/controller.md item 8): so the mean of the lengths
+    just finished, once the lengths are learned and decoding makes the requests' time
+    (`stalls_dominate` False). Otherwise the predictor's conservative length: before the lengths
+    are learned nothing better is known, and where prompts dominate, a short answer's few gaps
+    cannot absorb what a heavier stream hedges against."""
+    if stalls_dominate is False and forecast.finished_output_tokens > 0:
+        return forecast.finished_output_tokens
+    return forecast.mean_output_tokens
+
+
 def _top_of_the_flat(energy: FloatArray, optimal: int) -> int:
     """The highest clock index above `optimal` up to which every clock's energy per iteration
     stays within FLAT_ENERGY_SHARE of the optimum's."""
@@ -150,7 +165,7 @@ def choose_clock(
             proj,
             forecast.per_iteration,
             forecast.mean_prompt_tokens,
-            forecast.mean_output_tokens,
+            stream_output_tokens(forecast, stalls_dominate()),
             table.tokens_per_block,
         )
     clocks = table.clocks_mhz

@@ -12,6 +12,7 @@ from throttllem.controller.clock_policy import (
     ChoiceKind,
     ClockChoice,
     choose_clock,
+    stream_output_tokens,
 )
 from throttllem.controller.ips_table import IpsTable
 from throttllem.controller.perf_model import FEATURES
@@ -384,3 +385,27 @@ def test_expected_arrivals_alone_never_make_a_request_hopeless() -> None:
     choice = choose_clock(0.0, proj, dl, TABLE, forecast=busy)
     assert "r3" in choice.lost_requests
     assert choice.kind is ChoiceKind.MAX_LOST
+
+
+def test_expected_arrivals_generate_the_mean_length_once_decoding_is_known_to_dominate() -> None:
+    """The stream stands for many requests: their lengths add up to about their mean, not to
+    each one's conservative quantile. Before lengths are learned, and where prompts dominate,
+    the conservative length stays."""
+    finished_mean = ArrivalForecast(mean_output_tokens=400.0, finished_output_tokens=120.0)
+    assert stream_output_tokens(finished_mean, False) == 120.0
+    assert stream_output_tokens(finished_mean, True) == 400.0
+    assert stream_output_tokens(finished_mean, None) == 400.0
+    nothing_finished = ArrivalForecast(mean_output_tokens=400.0)
+    assert stream_output_tokens(nothing_finished, False) == 400.0
+    # In the choice: a stream that stays for 120 tokens slows the requests in flight less than
+    # one that stays for 400, so a lower clock meets the same deadline.
+    proj, dl = _scenario(e2e_s=12.0, remaining=500)
+    stream = {"rate_per_s": 20.0, "iteration_s": 0.012, "mean_prompt_tokens": 600.0}
+    decoding = ArrivalForecast(
+        **stream, mean_output_tokens=400.0, finished_output_tokens=120.0, median_output_tokens=301
+    )
+    unlearned = ArrivalForecast(**stream, mean_output_tokens=400.0, finished_output_tokens=120.0)
+    by_mean = choose_clock(0.0, proj, dl, TABLE, forecast=decoding, energy_floor=False)
+    by_quantile = choose_clock(0.0, proj, dl, TABLE, forecast=unlearned, energy_floor=False)
+    assert by_mean.kind is by_quantile.kind is ChoiceKind.SLO
+    assert by_mean.clock_mhz < by_quantile.clock_mhz < 1410
