@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
     sim.add_argument(
         "--policy",
         default="max,throttllem",
-        help="comma-separated: max, static:MHZ, static-best, pid, throttllem, oracle",
+        help="comma-separated: max, static:MHZ, static-best, pid, throttllem, hinted, oracle",
     )
     sim.add_argument(
         "--duration",

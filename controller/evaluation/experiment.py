@@ -19,7 +19,7 @@ from .workload import Workload
 
 log = logging.getLogger(__name__)
 
-POLICY_NAMES = ("max", "static:MHZ", "static-best", "pid", "throttllem", "oracle")
+POLICY_NAMES = ("max", "static:MHZ", "static-best", "pid", "throttllem", "hinted", "oracle")
 
 
 class PolicyError(ValueError):
@@ -90,6 +90,10 @@ def _build(
         return PidClock()
     if name == "throttllem":
         return ThrottllemPolicy(trained_model(setup, progress), prefill_clock=prefill_clock)
+    if name == "hinted":
+        return ThrottllemPolicy(
+            trained_model(setup, progress), name="hinted", hinted=True, prefill_clock=prefill_clock
+        )
     if name == "oracle":
         return ThrottllemPolicy(None, name="oracle", oracle=True, prefill_clock=prefill_clock)
     raise PolicyError(f"unknown policy '{name}'")
@@ -141,7 +145,7 @@ def compare(
     # static-best searches for max's attainment, so it runs after the others.
     independent = [n for n in order if n != "static-best"]
     if jobs > 1 and len(independent) > 1:
-        if "throttllem" in independent:
+        if {"throttllem", "hinted"} & set(independent):
             # Profiled and trained here, once and with progress, if not cached yet: the worker
             # then loads it from the cache.
             trained_model(setup, progress)

@@ -4,6 +4,9 @@
 - `static:MHZ`: one locked clock for the whole run.
 - `pid`: feedback on the measured time between tokens, as power-aware servers without a model.
 - `throttllem`: ours: scoreboard, predicted lengths, CatBoost model, SLO-aware clock policy.
+- `hinted`: ours, learned model and all, with every request carrying its true length as the
+  client's `output_length_hint`: what throttllem would save if clients said how long their
+  answers will be (docs/serving.md).
 - `oracle`: ours with the true output lengths and the twin's own latency function.
 (`static-best` is a search over `static:MHZ` runs: see experiment.py.)
 """
@@ -108,6 +111,7 @@ class ThrottllemPolicy(Policy):
         *,
         name: str = "throttllem",
         oracle: bool = False,
+        hinted: bool = False,
         quantile: float = 0.9,
         config: ControllerConfig | None = None,
         marginal_energy: bool = True,
@@ -117,6 +121,8 @@ class ThrottllemPolicy(Policy):
         self.marginal_energy = marginal_energy
         self.model = model
         self.oracle = oracle
+        # True lengths reach the controller as clients' hints; the oracle gets them too.
+        self.hinted = hinted
         self.quantile = quantile
         self.config = config or ControllerConfig(
             decision_period_s=0.25,
@@ -125,7 +131,7 @@ class ThrottllemPolicy(Policy):
         )
 
     def wants_true_lengths(self) -> bool:
-        return self.oracle
+        return self.oracle or self.hinted
 
     def start(self, ctx: SimContext) -> None:
         model = self.model

@@ -246,3 +246,39 @@ def test_a_smaller_client_max_tokens_is_what_arrivals_carry(workload: Workload) 
     expected = [max(r.output_tokens, 600) for r in workload.requests]
     assert [ev.max_tokens for ev in policy.arrivals] == expected
     assert 600 in expected
+
+
+@pytest.mark.parametrize(("name", "hinted"), [("hinted", True), ("throttllem", False)])
+def test_hinted_is_the_learned_controller_told_each_true_length_as_a_client_hint(
+    workload: Workload, monkeypatch: pytest.MonkeyPatch, name: str, hinted: bool
+) -> None:
+    """`hinted` answers "what if clients said how long their answers are": the same learned
+    model as `throttllem` (not the oracle's latency function), the true lengths as hints."""
+    from throttllem.controller import oracle_model
+    from throttllem.controller.evaluation import experiment
+
+    class Learned(oracle_model.TwinOracleModel):  # stands in for the CatBoost model
+        asked = 0
+
+        def predict_ips(self, features: np.ndarray) -> np.ndarray:
+            Learned.asked += 1
+            return super().predict_ips(features)
+
+    gpu, model = SETUP.specs()
+    learned = Learned(gpu, model, SETUP.tp, 32)
+    monkeypatch.setattr(experiment, "trained_model", lambda setup, progress=None: learned)
+    policy = experiment._build(name, SETUP, None)
+    arrivals: list[Arrived] = []
+    observe = policy.observe
+
+    def recording(ev: Event) -> None:
+        if isinstance(ev, Arrived):
+            arrivals.append(ev)
+        observe(ev)
+
+    policy.observe = recording  # type: ignore[method-assign]
+    simulate(workload, SETUP, policy, Slo(tbt_s=0.2))
+    assert policy.name == name and Learned.asked > 0  # the learned model, not the twin's own
+    hints = [ev.length_hint for ev in arrivals]
+    truth = [r.output_tokens for r in workload.requests]
+    assert hints == (truth if hinted else [None] * len(truth))
