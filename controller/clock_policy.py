@@ -120,6 +120,7 @@ def choose_clock(
     forecast: ArrivalForecast | None = None,
     energy_floor: bool = True,
     prefill_clock: str = "auto",
+    room: int | None = None,
 ) -> ClockChoice:
     """The lowest supported clock meeting every SLO that can still be met.
 
@@ -130,7 +131,8 @@ def choose_clock(
     hopeless request does not hold every other request at maximum clock for its whole life.
     `prefill_clock="max"` runs an iteration that carries prompts at maximum clock whenever
     requests are decoding; "auto" (the default) does so while prefill stalls dominate
-    (PREFILL_CLOCKS).
+    (PREFILL_CLOCKS). `room` (projection.engine_room) caps the forecast's expected arrivals at
+    what the batch holds; None: uncapped.
     """
     if lost_fallback not in ("ignore", "max"):
         raise ValueError(f"lost_fallback must be 'ignore' or 'max', got {lost_fallback!r}")
@@ -167,6 +169,7 @@ def choose_clock(
             forecast.mean_prompt_tokens,
             stream_output_tokens(forecast, stalls_dominate()),
             table.tokens_per_block,
+            room,
         )
     clocks = table.clocks_mhz
     top = len(clocks) - 1

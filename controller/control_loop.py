@@ -20,7 +20,7 @@ from .events import Arrived, Event, Finished, FirstToken, InFlight, Iteration
 from .gpu.driver import ClockDriver, WriteOutcome
 from .ips_table import IpsTable
 from .prefill_clock import PREFILL_CLOCKS
-from .projection import EngineLimits, project
+from .projection import EngineLimits, engine_room, project
 from .scoreboard import Scoreboard, SloOutcome
 from .slo_slack import Margin
 
@@ -193,6 +193,7 @@ class InstanceController:
     def decide(self, now_s: float, trigger: str = "call") -> Decision:
         inputs = self.scoreboard.decision_inputs()
         proj = project(inputs.running, inputs.queued, self.limits)
+        reserved = np.concatenate([inputs.running.reserved_blocks, inputs.queued.reserved_blocks])
         choice = choose_clock(
             now_s,
             proj,
@@ -202,6 +203,7 @@ class InstanceController:
             lost_fallback=self.config.lost_fallback,
             forecast=self.scoreboard.forecast(now_s) if self.config.forecast else None,
             prefill_clock=self.config.prefill_clock,
+            room=engine_room(self.limits, reserved),
         )
         applied: int | None = None
         released = False

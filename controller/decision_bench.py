@@ -14,7 +14,7 @@ from .events import Arrived, FirstToken, Slo
 from .ips_table import IpsTable
 from .length_predictor import LengthPredictor
 from .oracle_model import TwinOracleModel
-from .projection import EngineLimits, project
+from .projection import EngineLimits, engine_room, project
 from .scoreboard import Scoreboard
 
 TOKENS_PER_BLOCK = 64
@@ -70,7 +70,15 @@ def run_decision_bench(
         proj = project(inputs.running, inputs.queued, limits)
         # 20 ms after the first tokens: every request on schedule, none lost. As the control
         # loop decides: with the arrival forecast (and prefill_clock's default, auto).
-        choose_clock(0.12, proj, inputs.deadlines, table, forecast=board.forecast(0.12))
+        reserved = np.concatenate([inputs.running.reserved_blocks, inputs.queued.reserved_blocks])
+        choose_clock(
+            0.12,
+            proj,
+            inputs.deadlines,
+            table,
+            forecast=board.forecast(0.12),
+            room=engine_room(limits, reserved),
+        )
         times.append(time.perf_counter() - started)
         proj_horizon = proj.horizon
     ms = np.array(times) * 1000.0

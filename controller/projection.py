@@ -154,12 +154,25 @@ def project(running: RunningRequests, queued: QueuedRequests, limits: EngineLimi
     )
 
 
+def engine_room(limits: EngineLimits, reserved_blocks: IntArray) -> int:
+    """How many requests the engine runs at once with requests like these: the batch limit, and
+    under GUARANTEED_NO_EVICT the KV capacity over their mean reservation (prompt + max_tokens).
+    Under MAX_UTILIZATION blocks are taken as they fill, and the batch limit alone bounds it."""
+    room = limits.max_batch_size
+    if limits.admission is Admission.GUARANTEED_NO_EVICT and reserved_blocks.size:
+        mean = float(reserved_blocks.mean())
+        if mean > 0:
+            room = min(room, int(limits.kv_capacity_blocks / mean))
+    return max(room, 1)
+
+
 def with_expected_arrivals(
     proj: Projection,
     per_iteration: float,
     prompt_tokens: float,
     output_tokens: float,
     tokens_per_block: int,
+    room: int | None = None,
 ) -> Projection:
     """The projection with the requests still to come added as a steady stream.
 
@@ -167,7 +180,9 @@ def with_expected_arrivals(
     prompt and output length. They join the batch, hold KV blocks and add prefill tokens to every
     iteration, which is what slows those in flight; they are not tracked one by one. Without
     them, the projection sees the batch drain to nothing, and a long request's future iterations
-    look faster than they will be.
+    look faster than they will be. With `room` (engine_room) they join only as far as the batch
+    has room: the rest would wait for admission, not slow those running (their prompts still
+    count, entering as slots free up).
     """
     if per_iteration <= 0 or proj.horizon == 0:
         return proj
@@ -179,6 +194,12 @@ def with_expected_arrivals(
         * (age * (prompt_tokens + 0.5 * tokens_per_block) + age * age / 2.0)
         / tokens_per_block
     )
+    if room is not None:
+        # The arrived requests may fill the room themselves (a queue is admitted into it).
+        space = np.maximum(max(room, int(proj.batch.max())) - proj.batch, 0)
+        kept = np.minimum(count, space)
+        blocks = blocks * np.divide(kept, count, out=np.ones_like(count), where=count > 0)
+        count = kept
     ctx = np.full(proj.horizon, per_iteration * prompt_tokens)
     return Projection(
         batch=proj.batch + np.rint(count).astype(np.int64),

@@ -409,3 +409,20 @@ def test_expected_arrivals_generate_the_mean_length_once_decoding_is_known_to_do
     by_quantile = choose_clock(0.0, proj, dl, TABLE, forecast=unlearned, energy_floor=False)
     assert by_mean.kind is by_quantile.kind is ChoiceKind.SLO
     assert by_mean.clock_mhz < by_quantile.clock_mhz < 1410
+
+
+def test_expected_arrivals_beyond_the_engines_room_do_not_raise_the_clock() -> None:
+    """Arrivals the batch has no room for wait for admission: they do not slow the requests
+    running (the backlog check, not the projection, speaks for a queue that grows). Their
+    prompts still enter as slots free up, so the capped stream still costs some clock."""
+    proj, dl = _scenario(e2e_s=10.0, remaining=500)  # 16 running, all ending together
+    busy = ArrivalForecast(
+        rate_per_s=20.0, iteration_s=0.012, mean_prompt_tokens=600.0, mean_output_tokens=300.0
+    )
+    unbounded = choose_clock(0.0, proj, dl, TABLE, forecast=busy, energy_floor=False)
+    full = choose_clock(0.0, proj, dl, TABLE, forecast=busy, energy_floor=False, room=16)
+    roomy = choose_clock(0.0, proj, dl, TABLE, forecast=busy, energy_floor=False, room=10_000)
+    quiet = choose_clock(0.0, proj, dl, TABLE, energy_floor=False)
+    assert unbounded.kind is full.kind is ChoiceKind.SLO
+    assert quiet.clock_mhz < full.clock_mhz < unbounded.clock_mhz < 1410
+    assert roomy.clock_mhz == unbounded.clock_mhz  # a room never reached changes nothing

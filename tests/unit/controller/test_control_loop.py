@@ -106,3 +106,25 @@ def test_take_outcomes_hands_each_finished_request_over_once() -> None:
     assert [o.request_id for o in taken] == [1, 2]
     assert taken[0].mean_tbt_s == pytest.approx(0.1) and taken[0].e2e_s == pytest.approx(1.1)
     assert c.take_outcomes() == [] and len(c.outcomes) == 0
+
+
+def test_the_expected_arrivals_are_capped_at_the_room_the_requests_in_flight_reserve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KV reserved for prompt + max_tokens bounds the batch (GUARANTEED_NO_EVICT): 100 blocks
+    over 20-block reservations leave room for 5, below the batch limit of 8."""
+    from throttllem.controller import control_loop
+
+    seen: list[int | None] = []
+    choose = control_loop.choose_clock
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("room"))  # type: ignore[arg-type]
+        return choose(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(control_loop, "choose_clock", recording)
+    c = controller()
+    c.observe(Arrived(1, 0.0, 100, 1180))  # ceil(1280 / 64) = 20 blocks
+    c.observe(Arrived(2, 0.0, 228, 1052))  # 20 blocks
+    c.decide(0.0)
+    assert seen == [5]

@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 from throttllem.controller.projection import (
     Admission,
     EngineLimits,
+    Projection,
     QueuedRequests,
     RunningRequests,
+    engine_room,
     project,
+    with_expected_arrivals,
 )
 
 
@@ -130,3 +133,48 @@ def test_a_burst_of_prompts_is_spread_over_iterations_by_max_num_tokens() -> Non
     alone = project(running, QueuedRequests(np.array([9000]), np.array([5]), np.array([150])),
                     limits)  # fmt: skip
     assert alone.queued_first_iter.tolist() == [0]
+
+
+# --- the engine's room, and the expected arrivals it caps ---------------------------------
+
+
+def test_the_room_is_the_kv_capacity_over_the_mean_reservation_within_the_batch_limit() -> None:
+    limits = EngineLimits(max_batch_size=64, kv_capacity_blocks=1000, tokens_per_block=32)
+    assert engine_room(limits, np.array([80, 120], dtype=np.int64)) == 10  # 1000 / 100
+    assert engine_room(limits, np.array([5, 5], dtype=np.int64)) == 64  # the batch limit binds
+    assert engine_room(limits, np.array([], dtype=np.int64)) == 64  # nothing known: the limit
+    # Blocks taken as they fill: reservations do not bound the batch.
+    filling = EngineLimits(64, 1000, 32, admission=Admission.MAX_UTILIZATION)
+    assert engine_room(filling, np.array([80, 120], dtype=np.int64)) == 64
+
+
+def _stream_over(batch: int, room: int | None) -> tuple[Projection, Projection]:
+    running = RunningRequests(
+        np.full(batch, 600, np.int64), np.full(batch, 400, np.int64), np.full(batch, 80, np.int64)
+    )
+    empty = np.zeros(0, np.int64)
+    limits = EngineLimits(max_batch_size=256, kv_capacity_blocks=100_000, tokens_per_block=32)
+    arrived = project(running, QueuedRequests(empty, empty, empty), limits)
+    return arrived, with_expected_arrivals(arrived, 0.2, 500.0, 300.0, 32, room)
+
+
+def test_expected_arrivals_join_the_batch_only_as_far_as_the_room_holds() -> None:
+    arrived, unbounded = _stream_over(8, None)
+    assert unbounded.batch.max() > 60  # 0.2 per iteration for 300 iterations, on top of 8
+    _, capped = _stream_over(8, 20)
+    assert capped.batch.max() == 20 and (capped.batch <= 20).all()
+    assert (capped.batch >= arrived.batch).all()  # the stream still fills what room there is
+    # The blocks of the arrivals kept, not of those left waiting.
+    assert (capped.kv_blocks <= unbounded.kv_blocks).all()
+    assert (capped.kv_blocks >= arrived.kv_blocks).all()
+    assert capped.kv_blocks[-1] < unbounded.kv_blocks[-1]
+    # Their prompts still enter (as slots free up), so every iteration still carries them.
+    assert (capped.ctx_tokens == unbounded.ctx_tokens).all()
+
+
+def test_arrived_requests_beyond_the_room_are_kept_and_the_stream_adds_nothing() -> None:
+    arrived, capped = _stream_over(30, 20)  # a queue admitted past the room's estimate
+    full = arrived.batch == 30
+    assert full.sum() >= 300 and (capped.batch[full] == 30).all()
+    # Once the arrived requests end, the stream fills the room they leave.
+    assert capped.batch[-1] > 0 == arrived.batch[-1]
