@@ -193,7 +193,6 @@ class InstanceController:
     def decide(self, now_s: float, trigger: str = "call") -> Decision:
         inputs = self.scoreboard.decision_inputs()
         proj = project(inputs.running, inputs.queued, self.limits)
-        reserved = np.concatenate([inputs.running.reserved_blocks, inputs.queued.reserved_blocks])
         choice = choose_clock(
             now_s,
             proj,
@@ -203,7 +202,7 @@ class InstanceController:
             lost_fallback=self.config.lost_fallback,
             forecast=self.scoreboard.forecast(now_s) if self.config.forecast else None,
             prefill_clock=self.config.prefill_clock,
-            room=engine_room(self.limits, reserved),
+            room=engine_room(self.limits, inputs.running, inputs.queued),
         )
         applied: int | None = None
         released = False

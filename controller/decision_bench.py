@@ -70,14 +70,13 @@ def run_decision_bench(
         proj = project(inputs.running, inputs.queued, limits)
         # 20 ms after the first tokens: every request on schedule, none lost. As the control
         # loop decides: with the arrival forecast (and prefill_clock's default, auto).
-        reserved = np.concatenate([inputs.running.reserved_blocks, inputs.queued.reserved_blocks])
         choose_clock(
             0.12,
             proj,
             inputs.deadlines,
             table,
             forecast=board.forecast(0.12),
-            room=engine_room(limits, reserved),
+            room=engine_room(limits, inputs.running, inputs.queued),
         )
         times.append(time.perf_counter() - started)
         proj_horizon = proj.horizon

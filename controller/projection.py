@@ -154,15 +154,17 @@ def project(running: RunningRequests, queued: QueuedRequests, limits: EngineLimi
     )
 
 
-def engine_room(limits: EngineLimits, reserved_blocks: IntArray) -> int:
-    """How many requests the engine runs at once with requests like these: the batch limit, and
-    under GUARANTEED_NO_EVICT the KV capacity over their mean reservation (prompt + max_tokens).
-    Under MAX_UTILIZATION blocks are taken as they fill, and the batch limit alone bounds it."""
+def engine_room(limits: EngineLimits, running: RunningRequests, queued: QueuedRequests) -> int:
+    """How many requests the engine runs at once with requests like these in flight: the batch
+    limit, and under GUARANTEED_NO_EVICT the KV capacity over their mean reservation (prompt +
+    max_tokens). Under MAX_UTILIZATION blocks are taken as they fill, and the batch limit alone
+    bounds it."""
     room = limits.max_batch_size
-    if limits.admission is Admission.GUARANTEED_NO_EVICT and reserved_blocks.size:
-        mean = float(reserved_blocks.mean())
-        if mean > 0:
-            room = min(room, int(limits.kv_capacity_blocks / mean))
+    count = running.reserved_blocks.size + queued.reserved_blocks.size
+    if limits.admission is Admission.GUARANTEED_NO_EVICT and count:
+        reserved = int(running.reserved_blocks.sum()) + int(queued.reserved_blocks.sum())
+        if reserved > 0:
+            room = min(room, int(limits.kv_capacity_blocks / (reserved / count)))
     return max(room, 1)
 
 

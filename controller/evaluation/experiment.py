@@ -92,10 +92,13 @@ def _build(
         return ThrottllemPolicy(trained_model(setup, progress), prefill_clock=prefill_clock)
     if name == "hinted":
         return ThrottllemPolicy(
-            trained_model(setup, progress), name="hinted", hinted=True, prefill_clock=prefill_clock
+            trained_model(setup, progress),
+            name="hinted",
+            true_lengths=True,
+            prefill_clock=prefill_clock,
         )
     if name == "oracle":
-        return ThrottllemPolicy(None, name="oracle", oracle=True, prefill_clock=prefill_clock)
+        return ThrottllemPolicy(None, name="oracle", true_lengths=True, prefill_clock=prefill_clock)
     raise PolicyError(f"unknown policy '{name}'")
 
 

@@ -110,8 +110,7 @@ class ThrottllemPolicy(Policy):
         model: PerformanceModel | None,
         *,
         name: str = "throttllem",
-        oracle: bool = False,
-        hinted: bool = False,
+        true_lengths: bool = False,
         quantile: float = 0.9,
         config: ControllerConfig | None = None,
         marginal_energy: bool = True,
@@ -120,9 +119,9 @@ class ThrottllemPolicy(Policy):
         self.name = name
         self.marginal_energy = marginal_energy
         self.model = model
-        self.oracle = oracle
-        # True lengths reach the controller as clients' hints; the oracle gets them too.
-        self.hinted = hinted
+        # Each request's true length reaches the controller as a client's hint (`hinted`, and
+        # the oracle, which also takes the twin's own latency function for `model=None`).
+        self.true_lengths = true_lengths
         self.quantile = quantile
         self.config = config or ControllerConfig(
             decision_period_s=0.25,
@@ -131,11 +130,11 @@ class ThrottllemPolicy(Policy):
         )
 
     def wants_true_lengths(self) -> bool:
-        return self.oracle or self.hinted
+        return self.true_lengths
 
     def start(self, ctx: SimContext) -> None:
         model = self.model
-        if self.oracle or model is None:
+        if model is None:
             model = TwinOracleModel(ctx.gpu, ctx.model, ctx.setup.tp, ctx.tokens_per_block)
         limits = EngineLimits(
             ctx.max_batch_size,

@@ -138,14 +138,23 @@ def test_a_burst_of_prompts_is_spread_over_iterations_by_max_num_tokens() -> Non
 # --- the engine's room, and the expected arrivals it caps ---------------------------------
 
 
+def _reserving(*blocks: int) -> tuple[RunningRequests, QueuedRequests]:
+    """The first request running, the rest queued: the room counts both."""
+    res = np.array(blocks, dtype=np.int64)
+    one, rest = np.ones(1, np.int64), np.ones(len(blocks) - 1, np.int64)
+    return RunningRequests(one, one, res[:1]), QueuedRequests(rest, rest, res[1:])
+
+
 def test_the_room_is_the_kv_capacity_over_the_mean_reservation_within_the_batch_limit() -> None:
     limits = EngineLimits(max_batch_size=64, kv_capacity_blocks=1000, tokens_per_block=32)
-    assert engine_room(limits, np.array([80, 120], dtype=np.int64)) == 10  # 1000 / 100
-    assert engine_room(limits, np.array([5, 5], dtype=np.int64)) == 64  # the batch limit binds
-    assert engine_room(limits, np.array([], dtype=np.int64)) == 64  # nothing known: the limit
+    assert engine_room(limits, *_reserving(80, 120)) == 10  # 1000 / 100
+    assert engine_room(limits, *_reserving(5, 5)) == 64  # the batch limit binds
+    empty = np.zeros(0, np.int64)
+    nothing = RunningRequests(empty, empty, empty), QueuedRequests(empty, empty, empty)
+    assert engine_room(limits, *nothing) == 64  # nothing known: the limit
     # Blocks taken as they fill: reservations do not bound the batch.
     filling = EngineLimits(64, 1000, 32, admission=Admission.MAX_UTILIZATION)
-    assert engine_room(filling, np.array([80, 120], dtype=np.int64)) == 64
+    assert engine_room(filling, *_reserving(80, 120)) == 64
 
 
 def _stream_over(batch: int, room: int | None) -> tuple[Projection, Projection]:
