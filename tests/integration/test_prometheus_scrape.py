@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from throttllem.backend.twin.hardware import default_catalog
-from throttllem.controller.triton_launcher import free_port
+from throttllem.controller.triton_launcher import free_port, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def served(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> 
     """`throttllem serve` on the twin (10x real time) with its controller (oracle model: no
     profiling), on free ports, stopped by SIGTERM whatever the test does."""
     work = tmp_path_factory.mktemp("serve") / "work"
-    http, grpc, metrics, controller = (free_port() for _ in range(4))
+    http, grpc, metrics, controller = free_ports(4)
     cmd = [
         sys.executable, "-m", "throttllem.controller.cli", "serve", "--engine", "twin",
         "--gpu", GPU, "--speedup", "10", "--work-dir", str(work),

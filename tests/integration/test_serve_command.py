@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from throttllem.controller.triton_launcher import free_port
+from throttllem.controller.triton_launcher import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def processes_using(folder: Path) -> list[int]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_until_signalled(tmp_path: Path, sig: signal.Signals) -> None:
     work = tmp_path / "work"
-    ports = [str(free_port()) for _ in range(4)]
+    ports = [str(p) for p in free_ports(4)]
     cmd = [
         sys.executable, "-m", "throttllem.controller.cli", "serve", "--engine", "twin",
         "--speedup", "10", "--instances", "2", "--work-dir", str(work),

@@ -34,7 +34,7 @@ from tritonclient.utils import InferenceServerException
 
 from throttllem.backend.telemetry.discovery import discover
 from throttllem.controller.evaluation.workload import Workload, daily_swing, read_trace, synthetic
-from throttllem.controller.triton_launcher import free_port
+from throttllem.controller.triton_launcher import free_ports
 from throttllem.v1 import telemetry_pb2 as pb
 from throttllem.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -140,7 +140,7 @@ def gpus_locked(procs: Procs) -> list[bool]:
 @contextlib.contextmanager
 def stack(tmp: Path) -> Iterator[Procs]:
     work = tmp / "work"
-    http, grpc_port, metrics, controller = (free_port() for _ in range(4))
+    http, grpc_port, metrics, controller = free_ports(4)
     cmd = [
         sys.executable, "-m", "throttllem.controller.cli", "serve", "--engine", "twin",
         "--speedup", str(SPEEDUP), "--work-dir", str(work), "--http-port", str(http),

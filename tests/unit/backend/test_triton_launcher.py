@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,15 @@ def test_a_tritonserver_that_dies_is_reported_with_its_errors(tmp_path: Path) ->
     with pytest.raises(tl.TritonError, match=r"(?s)exited with status 7.*boom"):
         server.wait_ready(timeout_s=10)
     assert server.stop() == 7
+
+
+def test_free_ports_are_distinct_and_each_can_be_bound() -> None:
+    """Picked one at a time, a port just released can come back: tritonserver then refuses
+    gRPC and metrics on one port (a CI run failed so)."""
+    ports = tl.free_ports(32)
+    assert len(set(ports)) == 32
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+    server = tl.Ports.free()
+    assert len({server.http, server.grpc, server.metrics}) == 3
