@@ -40,6 +40,7 @@ from throttllem.controller.evaluation.report import summarise
 from throttllem.controller.evaluation.simulator import EngineSetup, simulate
 from throttllem.controller.evaluation.workload import Workload, read_trace
 from throttllem.controller.events import Slo
+from throttllem.controller.length_memory import LearnedLengths, learned_from
 from throttllem.controller.prefill_clock import PREFILL_CLOCKS
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
@@ -63,6 +64,9 @@ class Cell:
     setup: EngineSetup
     slo: Slo
     capacity: Capacity
+    # With --warm: the lengths of the trace's requests before the window, as a controller
+    # serving since the trace began would have them (restarted with its lengths file).
+    lengths: LearnedLengths | None = None
 
 
 def build_cell(
@@ -73,6 +77,7 @@ def build_cell(
     seed: int,
     window_s: float,
     start_share: float | None = None,
+    warm: bool = False,
 ) -> Cell:
     base = EngineSetup(model=model, tp=tp)
     setup = EngineSetup(model=model, tp=tp, seed=seed)
@@ -88,8 +93,15 @@ def build_cell(
         # Scaled to its burst-aware capacity the code trace runs for hours: take an eighth of
         # it (~1,100 requests), the same requests at every load, only re-timed.
         window_s = whole.duration_s / CODE_WINDOW_SHARE
-    work = whole.window(start, window_s).clipped(setup.specs()[1].max_context)
-    return Cell(kind, model, tp, load, seed, work, setup, slo, capacity)
+    max_context = setup.specs()[1].max_context
+    work = whole.window(start, window_s).clipped(max_context)
+    lengths = None
+    if warm:
+        # Arrival order stands in for the order they finished: the two differ only among
+        # requests in flight together, and each bucket keeps its last 2,048 lengths.
+        before = whole.window(0.0, start).clipped(max_context).requests
+        lengths = learned_from(model, ((r.prompt_tokens, r.output_tokens) for r in before))
+    return Cell(kind, model, tp, load, seed, work, setup, slo, capacity, lengths)
 
 
 def run_one(
@@ -97,11 +109,14 @@ def run_one(
 ) -> dict[str, Any]:
     work, setup, slo, capacity = cell.work, cell.setup, cell.slo, cell.capacity
     policies = policies or POLICIES
-    comparison = compare(work, setup, policies, slo, prefill_clock=prefill_clock)
+    comparison = compare(
+        work, setup, policies, slo, prefill_clock=prefill_clock, lengths=cell.lengths
+    )
     row: dict[str, Any] = {"trace": cell.kind, "model": cell.model, "tp": cell.tp,
                            "load": cell.load, "seed": cell.seed,
                            "requests": len(work.requests), "capacity_per_s": capacity.rate_per_s,
-                           "e2e_slo_s": capacity.p99_e2e_s}  # fmt: skip
+                           "e2e_slo_s": capacity.p99_e2e_s,
+                           "warm_lengths": cell.lengths.count if cell.lengths else 0}  # fmt: skip
     for name, s in comparison.summaries.items():
         row[name] = {k: getattr(s, k) for k in KEYS}
     if "static-best" not in policies:
@@ -238,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         help="throttllem's and the oracle's clock for iterations that carry prompts",
     )
     parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="throttllem and the oracle start knowing the lengths of the trace before each "
+        "window, as a controller restarted with its lengths file (default: knowing nothing)",
+    )
+    parser.add_argument(
         "--policies",
         default=",".join(POLICIES),
         help="comma-separated, throttllem always included (default: all five)",
@@ -275,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(done[key])
                         continue
                     t0 = time.monotonic()
-                    cell = build_cell(kind, model, tp, load, seed, args.window, args.start)
+                    cell = build_cell(
+                        kind, model, tp, load, seed, args.window, args.start, args.warm
+                    )
                     row = run_one(cell, args.prefill_clock, policies)
                     row["wall_s"] = time.monotonic() - t0
                     rows.append(row)

@@ -56,6 +56,12 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
         float,
         "per-GPU idle power for the energy floor (default: the twin preset's; real GPUs 0)",
     ),
+    "lengths_dir": (
+        str,
+        "keep each LLM's learned output lengths in this folder across restarts (saved every "
+        "minute and on exit, read when an instance attaches; default: none, each start "
+        "learns afresh)",
+    ),
     "keda_port": (int, "serve KEDA's external scaler API on this port (default 0: off)"),
     "keda_host": (str, "address the KEDA scaler binds (default 127.0.0.1)"),
     "scaling_sizes": (
@@ -85,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "prefill_clock": "auto",
     "idle_clocks": "release",
     "gpu_idle_power_w": None,
+    "lengths_dir": None,
     "keda_port": 0,
     "keda_host": "127.0.0.1",
     "scaling_sizes": None,
@@ -234,6 +241,7 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
         default_slo=slo,
         telemetry_timeout_s=settings["telemetry_timeout_s"],
         idle_power_w=settings["gpu_idle_power_w"],
+        lengths_dir=Path(settings["lengths_dir"]) if settings["lengths_dir"] else None,
         controller=ControllerConfig(
             prefill_clock=settings["prefill_clock"], idle_clocks=settings["idle_clocks"]
         ),

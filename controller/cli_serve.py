@@ -117,6 +117,13 @@ def add_parser(sub: Any) -> None:
         help="the controller's clock for iterations that carry prompts (see `throttllem "
         "controller --help`)",
     )
+    p.add_argument(
+        "--controller-lengths-dir",
+        type=Path,
+        default=None,
+        help="keep the controller's learned output lengths here across restarts (see "
+        "`throttllem controller --help`)",
+    )
     for name in ("ttft", "tbt", "e2e"):
         p.add_argument(
             f"--slo-{name}-ms",
@@ -144,6 +151,7 @@ def start_controller(
         "slo_e2e_ms": args.slo_e2e_ms,
         "watch_models": ",".join(watch) or None,
         "prefill_clock": args.prefill_clock,
+        "lengths_dir": str(args.controller_lengths_dir) if args.controller_lengths_dir else None,
     }
     sidecar = build_sidecar(settings)
     if settings["metrics_port"]:

@@ -91,6 +91,20 @@ def add_parser(sub: Any) -> None:
         help="policies simulated at once, one process each (default 0: one per CPU core; 1: "
         "one after the other). Each run is seeded alone: the results do not depend on it",
     )
+    sim.add_argument(
+        "--lengths-file",
+        type=Path,
+        default=None,
+        help="throttllem, hinted and the oracle start knowing these learned output lengths, as "
+        "a controller restarted with its --lengths-dir file (default: knowing nothing)",
+    )
+    sim.add_argument(
+        "--save-lengths",
+        type=Path,
+        default=None,
+        help="write the lengths file a controller serving this workload would leave (for "
+        "--lengths-file, or a controller's --lengths-dir)",
+    )
     sim.add_argument("--json", action="store_true", help="one JSON object keyed by policy")
     sim.add_argument(
         "--out", type=Path, default=None, help="folder for per-request records, timelines and plots"
@@ -160,6 +174,7 @@ def _simulate(args: argparse.Namespace) -> int:
     except PolicyError as e:
         raise UsageError(f"--policy: {e}") from e
     setup = EngineSetup(gpu=gpu.name, model=model.name, tp=args.tp, seed=args.seed)
+    lengths = _learned_lengths(args.lengths_file, model.name)
     kind = workload_kind(args.trace)
     synthetic_trace = args.trace.startswith("synthetic:")
     if args.capacity == "trace" and synthetic_trace:
@@ -212,7 +227,18 @@ def _simulate(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(message)
 
         jobs = args.jobs or os.cpu_count() or 1
-        comparison = compare(workload, setup, policies, slo, progress, args.prefill_clock, jobs)
+        comparison = compare(
+            workload, setup, policies, slo, progress, args.prefill_clock, jobs, lengths
+        )
+    if args.save_lengths is not None:
+        from . import length_memory
+
+        served = ((r.prompt_tokens, r.output_tokens) for r in workload.requests)
+        try:
+            length_memory.save(args.save_lengths, length_memory.learned_from(model.name, served))
+        except OSError as e:
+            raise UsageError(f"--save-lengths {args.save_lengths}: cannot write ({e})") from e
+        print(f"wrote the learned output lengths to {args.save_lengths}", file=sys.stderr)
     if args.out:
         written = write_outputs(comparison, args.out, slo)
         print(f"wrote {len(written)} files to {args.out}", file=sys.stderr)
@@ -238,6 +264,23 @@ def _simulate(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     return 0
+
+
+def _learned_lengths(path: Path | None, llm: str) -> Any:
+    """--lengths-file read and checked (a LearnedLengths), or None without it."""
+    if path is None:
+        return None
+    from . import length_memory
+    from .length_predictor import LengthPredictor
+
+    try:
+        lengths = length_memory.load(path, llm, LengthPredictor().bucket_count)
+    except length_memory.LengthMemoryError as e:
+        raise UsageError(f"--lengths-file {e}") from e
+    if lengths is None:
+        raise UsageError(f"--lengths-file {path}: no such file")
+    print(f"starting from {lengths.count} learned output lengths", file=sys.stderr)
+    return lengths
 
 
 def workload_kind(trace: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -271,6 +272,36 @@ class LengthPredictor:
             share = min(below + 0.5 * (1.0 - below), 1.0 - 1e-12)
             out[i] = max(PRIOR_MEDIAN_TOKENS * math.exp(PRIOR_SIGMA * normal.inv_cdf(share)), g + 1)
         return out
+
+    @property
+    def bucket_count(self) -> int:
+        return len(self._buckets)
+
+    @property
+    def window(self) -> int:
+        return self._buckets[0].window
+
+    def learned_lengths(self) -> tuple[tuple[int, ...], ...]:
+        """Each prompt-length bucket's lengths, oldest first: what `restore` takes back."""
+        return tuple(tuple(b.recent) for b in self._buckets)
+
+    def restore(self, lengths: Sequence[Sequence[int]]) -> int:
+        """Learn each bucket's lengths (oldest first, as `learned_lengths` gives them) as if
+        those requests had just finished; returns how many were taken. The predictions made at
+        their arrival are not known, so `error()` counts only requests finished from now."""
+        if len(lengths) != len(self._buckets):
+            raise ValueError(
+                f"{len(lengths)} buckets of lengths for a predictor of {len(self._buckets)}"
+            )
+        taken = 0
+        for bucket, seen in zip(self._buckets, lengths, strict=True):
+            for tokens in seen:
+                if tokens > 0:
+                    bucket.add(int(tokens))
+                    taken += 1
+        self._pooled = None
+        self._stack = None
+        return taken
 
     def observe(self, prompt_tokens: int, output_tokens: int, predicted_at_arrival: int) -> None:
         """Learn from a finished request (not from cancelled ones: their length is unknown)."""

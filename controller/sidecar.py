@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from throttllem.backend.telemetry.discovery import discover
 
+from . import length_memory
 from .control_loop import ControllerConfig, DriverActuator, InstanceController
 from .events import Arrived, Finished, Iteration, Slo
 from .gpu.driver import ClockDriver
@@ -34,6 +36,9 @@ from .projection import Admission, EngineLimits
 from .scaling.rate_meter import ArrivalRateMeter
 from .scoreboard import Scoreboard
 from .telemetry_client import Delivery, InstanceLink, slo_from_pb
+
+if TYPE_CHECKING:
+    from throttllem.v1.telemetry_pb2 import EngineInfo
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,10 @@ class SidecarConfig:
     # Per-GPU idle power for the energy floor (ips_table.py); None: the preset's for a twin,
     # else 0 (the floor then weighs whole iteration energy: conservative, higher clocks).
     idle_power_w: float | None = None
+    # Where each LLM's learned output lengths are kept across restarts (length_memory.py);
+    # None: every start learns afresh.
+    lengths_dir: Path | None = None
+    lengths_save_every_s: float = 60.0
 
 
 @dataclass
@@ -93,6 +102,7 @@ class Sidecar:
         self.instances: dict[str, ManagedInstance] = {}
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._next_discovery = 0.0
+        self._next_lengths_save = time.monotonic() + config.lengths_save_every_s
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -138,7 +148,7 @@ class Sidecar:
                 tokens_per_block=info.kv_tokens_per_block,
                 idle_power_w=self._idle_power_w(info.engine_kind, info.gpu_name),
             )
-            board = Scoreboard(LengthPredictor(), slo, info.kv_tokens_per_block)
+            board = Scoreboard(self._predictor_for(info), slo, info.kv_tokens_per_block)
             controller = InstanceController(
                 board, table, limits, DriverActuator(driver), self.config.controller
             )
@@ -172,6 +182,39 @@ class Sidecar:
             endpoint,
         )
 
+    def _predictor_for(self, info: EngineInfo) -> LengthPredictor:
+        """A new instance's length predictor, seeded with what its LLM's attached instances or
+        its lengths file know (length_memory.seed)."""
+        predictor = LengthPredictor()
+        siblings = self._predictors(info.llm)
+        try:
+            source = length_memory.seed(predictor, info.llm, siblings, self.config.lengths_dir)
+        except length_memory.LengthMemoryError as e:
+            log.error("%s: %s; learning output lengths afresh", info.instance_name, e)
+        else:
+            if source is not None:
+                log.info("%s: learned output lengths from %s", info.instance_name, source)
+        return predictor
+
+    def _predictors(self, llm: str) -> list[LengthPredictor]:
+        return [
+            inst.controller.scoreboard.predictor
+            for inst in self.instances.values()
+            if inst.controller is not None and inst.link.info.llm == llm
+        ]
+
+    def save_lengths(self, llms: set[str] | None = None) -> None:
+        """Write each LLM's learned lengths (its instances' merged) to the lengths folder. A
+        failed write is logged and tried again at the next save: it never stops the loop."""
+        directory = self.config.lengths_dir
+        if directory is None:
+            return
+        for llm in llms or {i.link.info.llm for i in self.instances.values()}:
+            try:
+                length_memory.save_merged(directory, llm, self._predictors(llm))
+            except OSError as e:
+                log.warning("cannot save the learned output lengths of %s: %s", llm, e)
+
     def _idle_power_w(self, engine_kind: str, gpu_name: str) -> float:
         if self.config.idle_power_w is not None:
             return self.config.idle_power_w
@@ -199,7 +242,9 @@ class Sidecar:
             if endpoint not in seen and not self.instances[endpoint].link.connected:
                 self._detach(endpoint)
 
-    def _detach(self, endpoint: str) -> None:
+    def _detach(self, endpoint: str, save_lengths: bool = True) -> None:
+        if save_lengths:  # before it goes: what it learned stays in the file
+            self.save_lengths({self.instances[endpoint].link.info.llm})
         inst = self.instances.pop(endpoint)
         self._queued.pop(endpoint, None)
         self.metrics.forget_instance(inst.link.info.instance_name)
@@ -262,6 +307,9 @@ class Sidecar:
             self.meter.set_queued(self.config.model_name, live)
         for inst in list(self.instances.values()):  # a tick may detach its instance
             self._tick(inst, now_wall)
+        if now_wall >= self._next_lengths_save:
+            self.save_lengths()
+            self._next_lengths_save = now_wall + self.config.lengths_save_every_s
 
     def _tick(self, inst: ManagedInstance, now_wall: float) -> None:
         name = inst.link.info.instance_name
@@ -341,5 +389,8 @@ class Sidecar:
             self.close()
 
     def close(self) -> None:
-        for endpoint in list(self.instances):
-            self._detach(endpoint)
+        try:
+            self.save_lengths()  # all at once: detaching one by one would save fewer each time
+        finally:
+            for endpoint in list(self.instances):
+                self._detach(endpoint, save_lengths=False)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..events import Slo
+from ..length_memory import LearnedLengths
 from ..perf_model import CatBoostPerformanceModel, split_indices
 from ..profiler import default_plan, profile_twin
 from .capacity import cache_dir
@@ -81,7 +82,10 @@ def _build(
     setup: EngineSetup,
     progress: Callable[[str], None] | None,
     prefill_clock: str = "auto",
+    lengths: LearnedLengths | None = None,
 ) -> Policy:
+    """`lengths`: what throttllem, hinted and the oracle start knowing of output lengths (a
+    controller restarted with its lengths file); None: nothing, as a new controller."""
     if name == "max":
         return MaxClock()
     if name.startswith("static:"):
@@ -89,16 +93,21 @@ def _build(
     if name == "pid":
         return PidClock()
     if name == "throttllem":
-        return ThrottllemPolicy(trained_model(setup, progress), prefill_clock=prefill_clock)
+        return ThrottllemPolicy(
+            trained_model(setup, progress), prefill_clock=prefill_clock, lengths=lengths
+        )
     if name == "hinted":
         return ThrottllemPolicy(
             trained_model(setup, progress),
             name="hinted",
             true_lengths=True,
             prefill_clock=prefill_clock,
+            lengths=lengths,
         )
     if name == "oracle":
-        return ThrottllemPolicy(None, name="oracle", true_lengths=True, prefill_clock=prefill_clock)
+        return ThrottllemPolicy(
+            None, name="oracle", true_lengths=True, prefill_clock=prefill_clock, lengths=lengths
+        )
     raise PolicyError(f"unknown policy '{name}'")
 
 
@@ -123,10 +132,15 @@ def static_best(
 
 
 def _simulate_one(
-    name: str, workload: Workload, setup: EngineSetup, slo: Slo, prefill_clock: str
+    name: str,
+    workload: Workload,
+    setup: EngineSetup,
+    slo: Slo,
+    prefill_clock: str,
+    lengths: LearnedLengths | None,
 ) -> SimResult:
     """One policy's run, in a worker process (compare's `jobs`)."""
-    return simulate(workload, setup, _build(name, setup, None, prefill_clock), slo)
+    return simulate(workload, setup, _build(name, setup, None, prefill_clock, lengths), slo)
 
 
 def compare(
@@ -137,12 +151,13 @@ def compare(
     progress: Callable[[str], None] | None = None,
     prefill_clock: str = "auto",
     jobs: int = 1,
+    lengths: LearnedLengths | None = None,
 ) -> Comparison:
     """Run every policy on the same arrivals; `max` always runs (it is the baseline).
     `prefill_clock` is throttllem's and the oracle's (prefill_clock.PREFILL_CLOCKS). `jobs` > 1
     runs the policies in that many processes at once: each run is seeded by `setup` alone, so
     the results are the same as one after the other. `progress` hears "finished NAME" once per
-    policy run, `max` included."""
+    policy run, `max` included. `lengths`: see _build."""
     order = ["max", *[p for p in policies if p != "max"]]
     results: dict[str, SimResult] = {}
     # static-best searches for max's attainment, so it runs after the others.
@@ -157,7 +172,7 @@ def compare(
             progress(f"simulating {', '.join(independent)} in {workers} processes")
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {
-                pool.submit(_simulate_one, n, workload, setup, slo, prefill_clock): n
+                pool.submit(_simulate_one, n, workload, setup, slo, prefill_clock, lengths): n
                 for n in independent
             }
             for future in as_completed(futures):
@@ -168,7 +183,7 @@ def compare(
         for name in independent:
             if progress:
                 progress(f"simulating {name}")
-            policy = _build(name, setup, progress, prefill_clock)
+            policy = _build(name, setup, progress, prefill_clock, lengths)
             results[name] = simulate(workload, setup, policy, slo)
             if progress:
                 progress(f"finished {name}")

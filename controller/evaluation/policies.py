@@ -19,6 +19,7 @@ from ..clock_governor import GovernorConfig
 from ..control_loop import ChoiceTimer, ControllerConfig, InstanceController
 from ..events import Event, Iteration
 from ..ips_table import IpsTable
+from ..length_memory import LearnedLengths
 from ..length_predictor import LengthPredictor
 from ..oracle_model import TwinOracleModel
 from ..perf_model import PerformanceModel
@@ -115,9 +116,13 @@ class ThrottllemPolicy(Policy):
         config: ControllerConfig | None = None,
         marginal_energy: bool = True,
         prefill_clock: str = "auto",
+        lengths: LearnedLengths | None = None,
     ) -> None:
         self.name = name
         self.marginal_energy = marginal_energy
+        # What a controller restarted with its lengths file knows at the start
+        # (length_memory.py); None: it starts as a new one does, from the prior.
+        self.lengths = lengths
         self.model = model
         # Each request's true length reaches the controller as a client's hint (`hinted`, and
         # the oracle, which also takes the twin's own latency function for `model=None`).
@@ -151,7 +156,10 @@ class ThrottllemPolicy(Policy):
             tokens_per_block=ctx.tokens_per_block,
             idle_power_w=ctx.gpu.idle_power_w if self.marginal_energy else 0.0,
         )
-        board = Scoreboard(LengthPredictor(quantile=self.quantile), ctx.slo, ctx.tokens_per_block)
+        predictor = LengthPredictor(quantile=self.quantile)
+        if self.lengths is not None:
+            predictor.restore(self.lengths.buckets)
+        board = Scoreboard(predictor, ctx.slo, ctx.tokens_per_block)
         self.controller = InstanceController(board, table, limits, ctx.clocks, self.config)
         self._choices = ChoiceTimer()
 

@@ -103,3 +103,13 @@ def test_idle_clocks_setting_reaches_every_instance_controller() -> None:
     sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
     assert sidecar.config.controller.idle_clocks == "lock"
     assert build_sidecar(DEFAULTS).config.controller.idle_clocks == "release"
+
+
+def test_lengths_dir_setting_reaches_the_sidecar(tmp_path: Path) -> None:
+    from throttllem.controller.cli import build_parser
+    from throttllem.controller.cli_controller import resolve_settings
+
+    flags = ["controller", "--lengths-dir", str(tmp_path / "lengths")]
+    sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
+    assert sidecar.config.lengths_dir == tmp_path / "lengths"
+    assert build_sidecar(DEFAULTS).config.lengths_dir is None

@@ -15,6 +15,7 @@ import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -169,6 +170,8 @@ class Harness:
         meter: ArrivalRateMeter | None = None,
         share_gpus: bool = False,
         idle_clocks: str = "lock",
+        lengths_dir: Path | None = None,
+        lengths_save_every_s: float = 60.0,
     ) -> None:
         self.spec = default_catalog().gpu("A100-SXM4-40GB")
         self.gpu_time = VirtualTime()
@@ -202,6 +205,8 @@ class Harness:
                 # disconnects and restarts without traffic (the default releases an idle
                 # instance's lock: test_an_idle_instance_s_gpus_are_released_by_default).
                 controller=ControllerConfig(idle_clocks=idle_clocks),
+                lengths_dir=lengths_dir,
+                lengths_save_every_s=lengths_save_every_s,
             ),
             self._model,
             self._driver,

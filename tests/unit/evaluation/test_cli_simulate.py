@@ -235,3 +235,50 @@ def test_a_missing_trace_file_exits_2(
     path = tmp_path / "none.csv"
     assert main(_sim(path, slo_file, "--policy", "max")) == 2
     assert f"{path}: cannot read" in _error_line(capsys.readouterr().err)
+
+
+def test_saved_lengths_start_the_next_simulation(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, trace: Path, slo_file: Path
+) -> None:
+    saved = tmp_path / "lengths" / "llama-3-8b.lengths.json"
+    argv = _sim(trace, slo_file, "--policy", "max", "--load", "0.1", "--save-lengths", str(saved))
+    assert main(argv) == 0
+    assert f"wrote the learned output lengths to {saved}" in capsys.readouterr().err
+    from throttllem.controller import length_memory
+
+    known = length_memory.load(saved, "llama-3-8b", 8)
+    assert known is not None and known.count == N_REQUESTS
+    argv = _sim(trace, slo_file, "--json", "--policy", "oracle", "--load", "0.1",
+                "--lengths-file", str(saved), "--jobs", "1")  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"starting from {N_REQUESTS} learned output lengths" in err
+    assert json.loads(out)["oracle"]["slo_attainment"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (None, "no such file"),
+        ("{", "not JSON"),
+        ('{"format": "throttllem-learned-lengths", "version": 1, "llm": "llama-2-13b", '
+         '"buckets": []}', "holds the lengths of 'llama-2-13b', not 'llama-3-8b'"),
+    ],
+)  # fmt: skip
+def test_an_unusable_lengths_file_exits_2_naming_it_before_simulating(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    trace: Path,
+    slo_file: Path,
+    body: str | None,
+    named: str,
+) -> None:
+    path = tmp_path / "l.json"
+    if body is not None:
+        path.write_text(body)
+    argv = _sim(trace, slo_file, "--policy", "max", "--lengths-file", str(path))
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    line = _error_line(err)
+    assert f"--lengths-file {path}: {named}" in line
+    assert "finding the capacity" not in err

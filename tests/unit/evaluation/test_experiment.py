@@ -282,3 +282,21 @@ def test_hinted_is_the_learned_controller_told_each_true_length_as_a_client_hint
     hints = [ev.length_hint for ev in arrivals]
     truth = [r.output_tokens for r in workload.requests]
     assert hints == (truth if hinted else [None] * len(truth))
+
+
+def test_a_controller_policy_starts_from_the_lengths_it_is_given(workload: Workload) -> None:
+    """What a controller restarted with its lengths file knows: the bucket of 3,000-token
+    prompts plans 12-token answers from the first arrival instead of the prior's 459."""
+    from throttllem.controller.evaluation.experiment import _build
+    from throttllem.controller.length_memory import learned_from
+
+    known = learned_from(SETUP.model, [(3000, 12)] * 40)
+    warm = _build("oracle", SETUP, None, lengths=known)
+    cold = _build("oracle", SETUP, None)
+    for policy in (warm, cold):
+        simulate(workload, SETUP, policy, Slo(tbt_s=0.2, e2e_s=60.0))
+    predictions = [
+        p.controller.scoreboard.predictor.predict(3000, 4096)  # type: ignore[attr-defined]
+        for p in (warm, cold)
+    ]
+    assert predictions == [12, 459]  # the prior: ceil(458.3)

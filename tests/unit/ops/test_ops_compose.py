@@ -290,3 +290,16 @@ def test_both_stacks_share_monitoring() -> None:
     gpu, cpu = services(resolved("compose.yaml")), services(resolved("compose.cpu.yaml"))
     for name in ("prometheus", "grafana"):
         assert gpu[name] == cpu[name], f"{name} differs between the stacks"
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_the_controller_keeps_its_learned_lengths_on_a_volume_of_its_own(name: str) -> None:
+    """A restarted controller container finds what it learned: the lengths folder is a named
+    volume, writable, mounted into the controller only."""
+    folder = controller_settings(name)["lengths_dir"]
+    assert folder
+    svc = services(resolved(name))
+    ((source, mode),) = [m for t, m in mounts(svc["controller"]).items() if under(folder, t)]
+    assert source in load_compose(name)["volumes"] and mode != "ro"
+    sharing = [n for n, s in svc.items() if any(src == source for src, _ in mounts(s).values())]
+    assert sharing == ["controller"]
