@@ -5,6 +5,7 @@ the GPU at default clocks when it is killed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -141,14 +142,20 @@ def test_throttles_at_half_load_raises_when_load_doubles_and_meets_slos(
     server: TritonServer, tmp_path: Path
 ) -> None:
     stream = Stream(server.grpc_url)
+    lengths = tmp_path / "lengths"
     try:
-        with controller(server, tmp_path) as (_, port):
+        with controller(server, tmp_path, "--lengths-dir", str(lengths)) as (_, port):
             # The twin's capacity for this request shape is ~12 engine requests/s.
             half = 3.2 * SPEEDUP
             e2e_half, tbt_half, clocks_half = _open_loop(stream, half, 12.0, "half", port)
             e2e_double, tbt_double, clocks_double = _open_loop(stream, 2 * half, 12.0, "dbl", port)
     finally:
         stream.close(cancel=True)
+    # Stopped by SIGTERM, it left what it learned of output lengths for its next start.
+    (saved,) = lengths.glob("*.lengths.json")
+    learned = [t for bucket in json.loads(saved.read_text())["buckets"] for t in bucket]
+    assert 0 < len(learned) <= len(e2e_half) + len(e2e_double)
+    assert set(learned) == {OUTPUT}
     assert np.mean(clocks_half) <= 0.75 * 1410, clocks_half
     assert max(clocks_double) > np.median(clocks_half), (clocks_half, clocks_double)
     for e2e, tbt in ((e2e_half, tbt_half), (e2e_double, tbt_double)):

@@ -279,6 +279,7 @@ def test_an_unusable_lengths_file_exits_2_naming_it_before_simulating(
     argv = _sim(trace, slo_file, "--policy", "max", "--lengths-file", str(path))
     assert main(argv) == 2
     out, err = capsys.readouterr()
+    assert out == ""
     line = _error_line(err)
     assert f"--lengths-file {path}: {named}" in line
     assert "finding the capacity" not in err
