@@ -8,13 +8,16 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .cli_simulate_scaling import add_scaling_arguments, simulate_scaling
 from .cli_twin import UsageError, guarded, resolve_engine
 from .events import Slo
+
+if TYPE_CHECKING:
+    from .length_memory import LearnedLengths
 
 # prefill_clock.PREFILL_CLOCKS, spelled out so that parsing does not import numpy (a test
 # keeps the two equal).
@@ -266,7 +269,7 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _learned_lengths(path: Path | None, llm: str) -> Any:
+def _learned_lengths(path: Path | None, llm: str) -> LearnedLengths | None:
     """--lengths-file read and checked (a LearnedLengths), or None without it."""
     if path is None:
         return None

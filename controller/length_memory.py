@@ -3,13 +3,13 @@
 A controller that starts afresh plans every prompt-length bucket from the prior (fitted to
 conversational traffic) until that bucket has seen MIN_SAMPLES finished requests. On traffic
 unlike the prior that costs energy for minutes: on the Azure code trace the prior plans 458
-tokens for answers whose median is 13, and a bucket takes 4 to 60 minutes to learn. Fed the
-traffic that came before, the same controller reached 0.93 of the oracle's saving instead of
-0.90 on the acceptance matrix's seed-1 windows (docs/evaluation.md, sixth session). So the
-sidecar writes what it has learned to `<lengths_dir>/<llm>.lengths.json` every minute and when
-it stops, and reads it back when an instance of that LLM attaches.
+tokens for answers whose median is 13, and a bucket takes 4 to 60 minutes to learn (what
+starting from the lengths learned before is worth, and what it costs on code, on the
+acceptance matrix: docs/evaluation.md, seventh session). So the sidecar writes what it has
+learned to `<lengths_dir>/<llm>.lengths.json` every minute and when it stops, and reads it
+back when an instance of that LLM attaches.
 
-The file holds each bucket's lengths, oldest first (a few thousand integers at most), keyed by
+The file holds each bucket's lengths, oldest first (2,048 a bucket, 16,384 at most), keyed by
 the LLM, not the instance: what an answer's length depends on is the model and its clients,
 and every instance of one model behind a router serves the same traffic. A file that cannot be
 used raises `LengthMemoryError` naming the file and the fault; the sidecar then learns afresh
@@ -103,11 +103,13 @@ def load(path: Path, llm: str, buckets: int) -> LearnedLengths | None:
     """The lengths saved for `llm` (None when no file exists yet), checked to fit a predictor
     of `buckets` buckets."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     except OSError as e:
         raise LengthMemoryError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise LengthMemoryError(f"{path}: not JSON (not UTF-8 text)") from e
     try:
         body = json.loads(text)
     except json.JSONDecodeError as e:

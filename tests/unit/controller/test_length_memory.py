@@ -76,6 +76,7 @@ def _good_body() -> dict[str, object]:
     ("edit", "message"),
     [
         (lambda b: "{not json", "not JSON"),
+        (lambda b: b"\xff\xfe\x00garbage", "not JSON (not UTF-8 text)"),
         (lambda b: {**b, "format": "other"}, "not a throttllem lengths file"),
         (lambda b: {**b, "version": 9}, "version 9, this controller reads 1"),
         (lambda b: {**b, "llm": "llama-2-13b"}, "holds the lengths of 'llama-2-13b', not 'm'"),
@@ -91,7 +92,10 @@ def test_an_unusable_file_is_refused_naming_the_file_and_the_fault(
 ) -> None:
     path = tmp_path / "m.lengths.json"
     body = edit(_good_body())  # type: ignore[operator]
-    path.write_text(body if isinstance(body, str) else json.dumps(body))
+    if isinstance(body, bytes):
+        path.write_bytes(body)
+    else:
+        path.write_text(body if isinstance(body, str) else json.dumps(body))
     p = LengthPredictor()
     with pytest.raises(LengthMemoryError) as err:
         length_memory.seed(p, "m", [], tmp_path)
