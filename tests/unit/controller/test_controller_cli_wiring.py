@@ -113,3 +113,32 @@ def test_lengths_dir_setting_reaches_the_sidecar(tmp_path: Path) -> None:
     sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
     assert sidecar.config.lengths_dir == tmp_path / "lengths"
     assert build_sidecar(DEFAULTS).config.lengths_dir is None
+
+
+def test_serve_hands_its_lengths_dir_to_the_controller_it_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from throttllem.controller import cli_controller, cli_serve
+    from throttllem.controller.cli import build_parser
+
+    seen: list[dict[str, Any]] = []
+
+    class Idle:
+        def run(self, stop: threading.Event) -> None:
+            pass
+
+    def fake_build(settings: dict[str, Any]) -> Idle:
+        seen.append(settings)
+        return Idle()
+
+    monkeypatch.setattr(cli_controller, "build_sidecar", fake_build)
+    for extra, expected in (
+        (["--controller-lengths-dir", str(tmp_path / "l")], str(tmp_path / "l")),
+        ([], None),
+    ):
+        flags = ["serve", "--controller-metrics-port", "0", *extra]
+        thread, _ = cli_serve.start_controller(
+            build_parser().parse_args(flags), tmp_path / "registry", threading.Event()
+        )
+        thread.join()
+        assert seen[-1]["lengths_dir"] == expected
