@@ -162,13 +162,19 @@ def seed(
     return f"{source} ({taken} lengths)"
 
 
-def save_merged(directory: Path, llm: str, predictors: Sequence[LengthPredictor]) -> Path | None:
-    """Save what `predictors` (the instances of one LLM) have learned, merged; None where they
-    have learned nothing, so that a file an earlier run left is not emptied."""
+def merged_for(llm: str, predictors: Sequence[LengthPredictor]) -> LearnedLengths | None:
+    """What `predictors` (the instances of one LLM) have learned, merged; None where they have
+    learned nothing, so that a file an earlier run left is not emptied."""
     if not predictors:
         return None
     known = merge(llm, [p.learned_lengths() for p in predictors], predictors[0].window)
-    if known.count == 0:
+    return known if known.count else None
+
+
+def save_merged(directory: Path, llm: str, predictors: Sequence[LengthPredictor]) -> Path | None:
+    """Save merged_for's lengths in the LLM's file; None (nothing written) where it has none."""
+    known = merged_for(llm, predictors)
+    if known is None:
         return None
     path = file_for(directory, llm)
     save(path, known)

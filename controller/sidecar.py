@@ -17,17 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from throttllem.backend.telemetry.discovery import discover
 
-from . import length_memory
 from .control_loop import ControllerConfig, DriverActuator, InstanceController
 from .events import Arrived, Finished, Iteration, Slo
 from .gpu.driver import ClockDriver
 from .gpu.errors import GpuLost, LeaseConflict
 from .gpu.guarded import GuardedClockDriver
 from .ips_table import IpsTable
+from .length_keeper import LengthKeeper
 from .length_predictor import LengthPredictor
 from .max_clock_estimate import MaxClockEnergyEstimate
 from .metrics import ControllerMetrics
@@ -36,9 +35,6 @@ from .projection import Admission, EngineLimits
 from .scaling.rate_meter import ArrivalRateMeter
 from .scoreboard import Scoreboard
 from .telemetry_client import Delivery, InstanceLink, slo_from_pb
-
-if TYPE_CHECKING:
-    from throttllem.v1.telemetry_pb2 import EngineInfo
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +98,10 @@ class Sidecar:
         self.instances: dict[str, ManagedInstance] = {}
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._next_discovery = 0.0
-        self._next_lengths_save = time.monotonic() + config.lengths_save_every_s
+        # Learned output lengths kept across restarts: seeded, saved every so often, off the loop.
+        self.lengths = LengthKeeper(
+            config.lengths_dir, config.lengths_save_every_s, time.monotonic()
+        )
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -148,7 +147,10 @@ class Sidecar:
                 tokens_per_block=info.kv_tokens_per_block,
                 idle_power_w=self._idle_power_w(info.engine_kind, info.gpu_name),
             )
-            board = Scoreboard(self._predictor_for(info), slo, info.kv_tokens_per_block)
+            predictor = self.lengths.new_predictor(
+                info.llm, info.instance_name, self._predictors(info.llm)
+            )
+            board = Scoreboard(predictor, slo, info.kv_tokens_per_block)
             controller = InstanceController(
                 board, table, limits, DriverActuator(driver), self.config.controller
             )
@@ -182,20 +184,6 @@ class Sidecar:
             endpoint,
         )
 
-    def _predictor_for(self, info: EngineInfo) -> LengthPredictor:
-        """A new instance's length predictor, seeded with what its LLM's attached instances or
-        its lengths file know (length_memory.seed)."""
-        predictor = LengthPredictor()
-        siblings = self._predictors(info.llm)
-        try:
-            source = length_memory.seed(predictor, info.llm, siblings, self.config.lengths_dir)
-        except length_memory.LengthMemoryError as e:
-            log.error("%s: %s; learning output lengths afresh", info.instance_name, e)
-        else:
-            if source is not None:
-                log.info("%s: learned output lengths from %s", info.instance_name, source)
-        return predictor
-
     def _predictors(self, llm: str) -> list[LengthPredictor]:
         return [
             inst.controller.scoreboard.predictor
@@ -203,17 +191,12 @@ class Sidecar:
             if inst.controller is not None and inst.link.info.llm == llm
         ]
 
-    def save_lengths(self, llms: set[str] | None = None) -> None:
-        """Write each LLM's learned lengths (its instances' merged) to the lengths folder. A
-        failed write is logged and tried again at the next save: it never stops the loop."""
-        directory = self.config.lengths_dir
-        if directory is None:
-            return
-        for llm in llms or {i.link.info.llm for i in self.instances.values()}:
-            try:
-                length_memory.save_merged(directory, llm, self._predictors(llm))
-            except OSError as e:
-                log.warning("cannot save the learned output lengths of %s: %s", llm, e)
+    def _llms(self) -> list[str]:
+        return [inst.link.info.llm for inst in self.instances.values()]
+
+    def save_lengths(self) -> None:
+        """Save every LLM's learned lengths now (length_keeper.py; with a lengths folder)."""
+        self.lengths.save(self._llms(), self._predictors)
 
     def _idle_power_w(self, engine_kind: str, gpu_name: str) -> float:
         if self.config.idle_power_w is not None:
@@ -244,7 +227,7 @@ class Sidecar:
 
     def _detach(self, endpoint: str, save_lengths: bool = True) -> None:
         if save_lengths:  # before it goes: what it learned stays in the file
-            self.save_lengths({self.instances[endpoint].link.info.llm})
+            self.lengths.save([self.instances[endpoint].link.info.llm], self._predictors)
         inst = self.instances.pop(endpoint)
         self._queued.pop(endpoint, None)
         self.metrics.forget_instance(inst.link.info.instance_name)
@@ -307,9 +290,7 @@ class Sidecar:
             self.meter.set_queued(self.config.model_name, live)
         for inst in list(self.instances.values()):  # a tick may detach its instance
             self._tick(inst, now_wall)
-        if now_wall >= self._next_lengths_save:
-            self.save_lengths()
-            self._next_lengths_save = now_wall + self.config.lengths_save_every_s
+        self.lengths.tick(now_wall, self._llms(), self._predictors)
 
     def _tick(self, inst: ManagedInstance, now_wall: float) -> None:
         name = inst.link.info.instance_name

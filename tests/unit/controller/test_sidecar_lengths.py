@@ -85,6 +85,7 @@ def test_lengths_are_saved_while_running_not_only_on_exit(
         h.sidecar.step()
         assert list(tmp_path.iterdir()) == []  # nothing learned: nothing written
         _serve_short_answers(h, "a:1")
+        h.sidecar.lengths.flush()  # written by a thread of its own, off the control loop
         assert (tmp_path / "llama-2-13b.lengths.json").is_file()
     finally:
         h.sidecar.close()
@@ -132,7 +133,9 @@ def test_a_failed_save_is_logged_and_the_loop_goes_on(
         h.register("a:1")
         with caplog.at_level(logging.WARNING, logger="throttllem.controller.sidecar"):
             _serve_short_answers(h, "a:1")
+            h.sidecar.lengths.flush()
             h.tick("a:1", 1.0)
+            h.sidecar.lengths.flush()
         assert "cannot save the learned output lengths of llama-2-13b" in caplog.text
         assert h.decisions("a:1") > 0
     finally:
