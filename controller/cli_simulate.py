@@ -274,10 +274,9 @@ def _learned_lengths(path: Path | None, llm: str) -> LearnedLengths | None:
     if path is None:
         return None
     from . import length_memory
-    from .length_predictor import LengthPredictor
 
     try:
-        lengths = length_memory.load(path, llm, LengthPredictor().bucket_count)
+        lengths = length_memory.load(path, llm)
     except length_memory.LengthMemoryError as e:
         raise UsageError(f"--lengths-file {e}") from e
     if lengths is None:

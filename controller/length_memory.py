@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .length_predictor import LengthPredictor
+from .length_predictor import BUCKETS, LengthPredictor
 
 FORMAT = "throttllem-learned-lengths"
 VERSION = 1
@@ -99,7 +99,7 @@ def save(path: Path, lengths: LearnedLengths) -> None:
         raise
 
 
-def load(path: Path, llm: str, buckets: int) -> LearnedLengths | None:
+def load(path: Path, llm: str, buckets: int = BUCKETS) -> LearnedLengths | None:
     """The lengths saved for `llm` (None when no file exists yet), checked to fit a predictor
     of `buckets` buckets."""
     try:
@@ -169,13 +169,3 @@ def merged_for(llm: str, predictors: Sequence[LengthPredictor]) -> LearnedLength
         return None
     known = merge(llm, [p.learned_lengths() for p in predictors], predictors[0].window)
     return known if known.count else None
-
-
-def save_merged(directory: Path, llm: str, predictors: Sequence[LengthPredictor]) -> Path | None:
-    """Save merged_for's lengths in the LLM's file; None (nothing written) where it has none."""
-    known = merged_for(llm, predictors)
-    if known is None:
-        return None
-    path = file_for(directory, llm)
-    save(path, known)
-    return path

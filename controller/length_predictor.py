@@ -38,6 +38,8 @@ TAIL_FIT_SAMPLES = MIN_SAMPLES
 # mean 211 output tokens. Used only before the predictor has learned anything.
 PRIOR_MEDIAN_TOKENS = 129.0
 PRIOR_SIGMA = 0.99
+# Log2 prompt-length buckets, 64 tokens up (_bucket); also the layout a lengths file holds.
+BUCKETS = 8
 # Offsets buckets from one another in LengthPredictor._stacked: above any output length.
 _STACK_STRIDE = 1 << 40
 # Every bucket's lengths end to end, each bucket's start in them, each bucket's count.
@@ -75,7 +77,7 @@ class PredictorError:
 
 
 class LengthPredictor:
-    def __init__(self, quantile: float = 0.9, window: int = 2048, buckets: int = 8) -> None:
+    def __init__(self, quantile: float = 0.9, window: int = 2048, buckets: int = BUCKETS) -> None:
         if not 0 < quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {quantile}")
         self.quantile = quantile

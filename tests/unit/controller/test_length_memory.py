@@ -24,6 +24,16 @@ def _served(seed: int = 0, count: int = 400) -> LengthPredictor:
     return p
 
 
+def _save(directory: Path, llm: str, predictors: list[LengthPredictor]) -> Path | None:
+    """What the sidecar's saves do (length_keeper.py): merged, written to the LLM's file."""
+    known = length_memory.merged_for(llm, predictors)
+    if known is None:
+        return None
+    path = length_memory.file_for(directory, llm)
+    length_memory.save(path, known)
+    return path
+
+
 PROBES = [(p, g) for p in (30, 200, 700, 1500, 3000, 9000) for g in (0, 5, 40, 300)]
 
 
@@ -33,7 +43,7 @@ def _predictions(p: LengthPredictor) -> list[int]:
 
 def test_a_saved_and_restored_predictor_predicts_as_the_one_saved(tmp_path: Path) -> None:
     before = _served()
-    path = length_memory.save_merged(tmp_path, "llama-3-8b", [before])
+    path = _save(tmp_path, "llama-3-8b", [before])
     assert path == tmp_path / "llama-3-8b.lengths.json"
     after = LengthPredictor()
     source = length_memory.seed(after, "llama-3-8b", [], tmp_path)
@@ -114,7 +124,7 @@ def test_merge_takes_each_part_in_turn_and_keeps_the_last_window() -> None:
 
 
 def test_running_instances_are_preferred_to_the_file(tmp_path: Path) -> None:
-    length_memory.save_merged(tmp_path, "m", [_served(seed=1)])
+    _save(tmp_path, "m", [_served(seed=1)])
     sibling = _served(seed=2)
     p = LengthPredictor()
     source = length_memory.seed(p, "m", [sibling], tmp_path)
@@ -123,19 +133,19 @@ def test_running_instances_are_preferred_to_the_file(tmp_path: Path) -> None:
 
 
 def test_nothing_learned_does_not_empty_an_earlier_file(tmp_path: Path) -> None:
-    path = length_memory.save_merged(tmp_path, "m", [_served()])
+    path = _save(tmp_path, "m", [_served()])
     assert path is not None
     saved = path.read_text()
-    assert length_memory.save_merged(tmp_path, "m", [LengthPredictor()]) is None
-    assert length_memory.save_merged(tmp_path, "m", []) is None
+    assert _save(tmp_path, "m", [LengthPredictor()]) is None
+    assert _save(tmp_path, "m", []) is None
     assert path.read_text() == saved
 
 
 def test_saving_replaces_the_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
     first = _served(seed=1)
     second = _served(seed=2, count=MIN_SAMPLES)
-    length_memory.save_merged(tmp_path / "new", "m", [first])  # creates the folder
-    length_memory.save_merged(tmp_path / "new", "m", [second])
+    _save(tmp_path / "new", "m", [first])  # creates the folder
+    _save(tmp_path / "new", "m", [second])
     assert [f.name for f in (tmp_path / "new").iterdir()] == ["m.lengths.json"]
     loaded = length_memory.load(tmp_path / "new" / "m.lengths.json", "m", 8)
     assert loaded is not None and loaded.buckets == second.learned_lengths()
