@@ -58,7 +58,8 @@ def add_parser(sub: Any) -> None:
     sim.add_argument(
         "--policy",
         default="max,throttllem",
-        help="comma-separated: max, static:MHZ, static-best, pid, throttllem, hinted, oracle",
+        help="comma-separated: max, static:MHZ, static-best, pid, throttllem, hinted, "
+        "hinted:SIGMA (hints off by a log-normal factor of that spread), oracle",
     )
     sim.add_argument(
         "--duration",

@@ -5,8 +5,10 @@ conservative: the prediction is the q-quantile of the lengths seen so far AMONG 
 what the request has already generated. So a request that outlives its first prediction gets a
 longer one at once; where few lengths in its bucket are that long, the quantile comes from every
 bucket's lengths, and one that outlives nearly every length seen is expected to run on as
-the longest lengths seen did. A client's hint, when present, is used instead. Never above
-max_tokens, never below generated + 1.
+the longest lengths seen did. A client's hint, when present, is used instead while the request
+has generated fewer tokens than it says; one that outlives its hint is predicted as if it had
+none (a hint is the client's estimate, and a request planned to end at every next token would
+be run too slowly for its deadline). Never above max_tokens, never below generated + 1.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class LengthPredictor:
         predictor's own, as in predict_many)."""
         q = self.quantile if quantile is None else quantile
         floor = min(generated + 1, max_tokens)
-        if hint is not None and hint > 0:
+        if hint is not None and hint > generated:
             return max(floor, min(hint, max_tokens))
         samples = self._bucket(prompt_tokens).array()
         if samples.shape[0] < MIN_SAMPLES:
@@ -130,7 +132,8 @@ class LengthPredictor:
         hint: npt.NDArray[np.int64],
         quantile: float | None = None,
     ) -> npt.NDArray[np.int64]:
-        """`predict` for many requests at once (hint <= 0: none); the decision's hot path.
+        """`predict` for many requests at once (hint <= 0: none; a hint outlived counts as
+        none, as in `predict`); the decision's hot path.
         `quantile` overrides the predictor's own: a low one says how short a request may turn
         out."""
         q = self.quantile if quantile is None else quantile
@@ -138,7 +141,7 @@ class LengthPredictor:
             raise ValueError(f"quantile must be in (0, 1), got {q}")
         floor = np.minimum(generated + 1, max_tokens)
         out = np.maximum(floor, np.minimum(hint, max_tokens))
-        free = hint <= 0
+        free = (hint <= 0) | (hint <= generated)
         if not free.any():
             return out
         # Every request's quantile from one searchsorted over the buckets stacked end to end

@@ -20,7 +20,16 @@ from .workload import Workload
 
 log = logging.getLogger(__name__)
 
-POLICY_NAMES = ("max", "static:MHZ", "static-best", "pid", "throttllem", "hinted", "oracle")
+POLICY_NAMES = (
+    "max",
+    "static:MHZ",
+    "static-best",
+    "pid",
+    "throttllem",
+    "hinted",
+    "hinted:SIGMA",
+    "oracle",
+)
 
 
 class PolicyError(ValueError):
@@ -63,7 +72,10 @@ def parse_policies(spec: str, supported_mhz: Sequence[int] | None = None) -> lis
     if not names:
         raise PolicyError("no policy given; valid: " + ", ".join(POLICY_NAMES))
     for name in names:
-        if name in POLICY_NAMES and name != "static:MHZ":
+        if name in POLICY_NAMES and ":" not in name:
+            continue
+        if name.startswith("hinted:"):
+            hint_error(name)
             continue
         if name.startswith("static:") and name[7:].isdigit():
             if supported_mhz is not None and int(name[7:]) not in supported_mhz:
@@ -75,6 +87,23 @@ def parse_policies(spec: str, supported_mhz: Sequence[int] | None = None) -> lis
             continue
         raise PolicyError(f"unknown policy '{name}'; valid: {', '.join(POLICY_NAMES)}")
     return names
+
+
+def hint_error(name: str) -> float:
+    """SIGMA of `hinted:SIGMA` (0 for `hinted`): the log-normal spread of the clients' hints."""
+    if name == "hinted":
+        return 0.0
+    text = name.removeprefix("hinted:")
+    try:
+        sigma = float(text)
+    except ValueError:
+        sigma = -1.0
+    if not (0.0 <= sigma <= 5.0):
+        raise PolicyError(
+            f"'{name}': SIGMA must be a number from 0 to 5, the log-normal spread of the "
+            "clients' length hints (0.5: most hints within a factor 1.65 of the true length)"
+        )
+    return sigma
 
 
 def _build(
@@ -96,11 +125,12 @@ def _build(
         return ThrottllemPolicy(
             trained_model(setup, progress), prefill_clock=prefill_clock, lengths=lengths
         )
-    if name == "hinted":
+    if name == "hinted" or name.startswith("hinted:"):
         return ThrottllemPolicy(
             trained_model(setup, progress),
-            name="hinted",
+            name=name,
             true_lengths=True,
+            hint_error=hint_error(name),
             prefill_clock=prefill_clock,
             lengths=lengths,
         )
@@ -163,7 +193,7 @@ def compare(
     # static-best searches for max's attainment, so it runs after the others.
     independent = [n for n in order if n != "static-best"]
     if jobs > 1 and len(independent) > 1:
-        if {"throttllem", "hinted"} & set(independent):
+        if any(n == "throttllem" or n.startswith("hinted") for n in independent):
             # Profiled and trained here, once and with progress, if not cached yet: the worker
             # then loads it from the cache.
             trained_model(setup, progress)

@@ -6,14 +6,18 @@
 - `throttllem`: ours: scoreboard, predicted lengths, CatBoost model, SLO-aware clock policy.
 - `hinted`: ours, learned model and all, with every request carrying its true length as the
   client's `output_length_hint`: what throttllem would save if clients said how long their
-  answers will be (docs/serving.md).
+  answers will be (docs/serving.md). `hinted:SIGMA`: the hints off by a log-normal factor
+  (exp(SIGMA x z), z standard normal, seeded): what clients whose estimates err that much give.
 - `oracle`: ours with the true output lengths and the twin's own latency function.
 (`static-best` is a search over `static:MHZ` runs: see experiment.py.)
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+
+import numpy as np
 
 from ..clock_governor import GovernorConfig
 from ..control_loop import ChoiceTimer, ControllerConfig, InstanceController
@@ -26,6 +30,9 @@ from ..perf_model import PerformanceModel
 from ..projection import EngineLimits
 from ..scoreboard import Scoreboard
 from .simulator import Policy, SimContext
+
+# Keeps the hints' noise apart from every other random stream seeded by the setup's seed.
+_HINT_NOISE_STREAM = 0x4B1D
 
 
 class MaxClock(Policy):
@@ -112,6 +119,7 @@ class ThrottllemPolicy(Policy):
         *,
         name: str = "throttllem",
         true_lengths: bool = False,
+        hint_error: float = 0.0,
         quantile: float = 0.9,
         config: ControllerConfig | None = None,
         marginal_energy: bool = True,
@@ -125,8 +133,13 @@ class ThrottllemPolicy(Policy):
         self.lengths = lengths
         self.model = model
         # Each request's true length reaches the controller as a client's hint (`hinted`, and
-        # the oracle, which also takes the twin's own latency function for `model=None`).
+        # the oracle, which also takes the twin's own latency function for `model=None`),
+        # multiplied by exp(hint_error x z) for a client whose estimates err.
+        if hint_error < 0 or not math.isfinite(hint_error):
+            raise ValueError(f"hint_error must be a finite number >= 0, got {hint_error}")
         self.true_lengths = true_lengths
+        self.hint_error = hint_error
+        self._hint_noise = np.random.default_rng(0)
         self.quantile = quantile
         self.config = config or ControllerConfig(
             decision_period_s=0.25,
@@ -134,10 +147,21 @@ class ThrottllemPolicy(Policy):
             prefill_clock=prefill_clock,
         )
 
-    def wants_true_lengths(self) -> bool:
-        return self.true_lengths
+    def length_hint(self, true_tokens: int) -> int | None:
+        if not self.true_lengths:
+            return None
+        if self.hint_error == 0.0:
+            return true_tokens
+        factor = math.exp(self.hint_error * float(self._hint_noise.standard_normal()))
+        return max(1, round(true_tokens * factor))
+
+    def seed_hints(self, seed: int) -> None:
+        """The same hint errors for the same arrivals in every run seeded so (one draw an
+        arrival, in arrival order)."""
+        self._hint_noise = np.random.default_rng([seed, _HINT_NOISE_STREAM])
 
     def start(self, ctx: SimContext) -> None:
+        self.seed_hints(ctx.setup.seed)
         model = self.model
         if model is None:
             model = TwinOracleModel(ctx.gpu, ctx.model, ctx.setup.tp, ctx.tokens_per_block)

@@ -260,7 +260,7 @@ class ScalingSimulation:
                 self.meter.record_arrival(MODEL, r.arrival_s)
                 slot.policy.observe(
                     Arrived(rid, r.arrival_s, r.prompt_tokens, max_tokens, Slo(),
-                            r.output_tokens if slot.policy.wants_true_lengths() else None)
+                            slot.policy.length_hint(r.output_tokens))
                 )  # fmt: skip
                 i += 1
             else:

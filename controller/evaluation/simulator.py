@@ -91,8 +91,10 @@ class Policy(ABC):
     def before_iteration(self, now_s: float) -> None:  # noqa: B027
         """Between two engine iterations: the time to decide and actuate."""
 
-    def wants_true_lengths(self) -> bool:
-        return False
+    def length_hint(self, true_tokens: int) -> int | None:
+        """The `output_length_hint` the next arriving request carries, given its true length
+        (called once per arrival, in arrival order); None: no hint, as most clients send."""
+        return None
 
     def choice_seconds(self, end_s: float) -> dict[str, float]:
         """Seconds under each kind of clock choice up to `end_s` (clock_policy.ChoiceKind's
@@ -213,7 +215,6 @@ def simulate(
     tl_clock: list[float] = []
     tl_power: list[float] = []
     next_sample = 0.0
-    true_lengths = policy.wants_true_lengths()
     i = 0
     prompt_cache: dict[int, list[int]] = {}
     while True:
@@ -238,7 +239,7 @@ def simulate(
                     r.prompt_tokens,
                     max_tokens,
                     Slo(),
-                    r.output_tokens if true_lengths else None,
+                    policy.length_hint(r.output_tokens),
                 )
             )
             i += 1

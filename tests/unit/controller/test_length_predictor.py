@@ -57,7 +57,24 @@ def test_hint_wins_but_is_bounded() -> None:
     p = _trained([10] * 100)
     assert p.predict(500, 4096, hint=300) == 300
     assert p.predict(500, 200, hint=300) == 200
-    assert p.predict(500, 4096, generated=350, hint=300) == 351
+    assert p.predict(500, 4096, generated=299, hint=300) == 300
+
+
+def test_a_request_that_outlives_its_hint_is_predicted_from_the_lengths_seen() -> None:
+    # A wrong hint must not plan the request to end at every next token: from the lengths seen,
+    # one that has generated 350 runs on to about 900 (the 90% quantile of 351..1000).
+    p = _trained(list(range(1, 1001)))
+    unhinted = p.predict(500, 4096, generated=350)
+    assert unhinted > 800
+    assert p.predict(500, 4096, generated=350, hint=300) == unhinted
+    assert p.predict(500, 4096, generated=300, hint=300) == p.predict(500, 4096, generated=300)
+    many = p.predict_many(
+        np.array([500, 500, 500]),
+        np.array([4096, 4096, 4096]),
+        np.array([350, 299, 350]),
+        np.array([300, 300, 0]),
+    )
+    assert many.tolist() == [unhinted, 300, unhinted]
 
 
 def test_error_report_counts_under_predictions() -> None:

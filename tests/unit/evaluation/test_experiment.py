@@ -46,6 +46,7 @@ def _attainment(workload: Workload, mhz: int, slo: Slo) -> float:
         ("max,throttllem", ["max", "throttllem"]),
         (" pid , static:1200,, oracle ", ["pid", "static:1200", "oracle"]),
         ("static-best,static:210", ["static-best", "static:210"]),
+        ("hinted,hinted:0.5,hinted:0", ["hinted", "hinted:0.5", "hinted:0"]),
     ],
 )
 def test_valid_policy_names_are_kept_in_order(spec: str, names: list[str]) -> None:
@@ -70,6 +71,14 @@ def test_an_unknown_policy_is_named_with_the_valid_ones(spec: str, bad: str) -> 
     assert f"unknown policy '{bad}'" in message
     assert all(name in message for name in POLICY_NAMES)
     assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "spec", ["hinted:", "hinted:wide", "hinted:-0.5", "hinted:nan", "hinted:9"]
+)
+def test_a_bad_hint_spread_is_named_with_what_it_must_be(spec: str) -> None:
+    with pytest.raises(PolicyError, match=f"'{spec}': SIGMA must be a number from 0 to 5"):
+        parse_policies(f"max,{spec}")
 
 
 def test_the_static_placeholder_itself_is_not_a_policy() -> None:
@@ -282,6 +291,37 @@ def test_hinted_is_the_learned_controller_told_each_true_length_as_a_client_hint
     hints = [ev.length_hint for ev in arrivals]
     truth = [r.output_tokens for r in workload.requests]
     assert hints == (truth if hinted else [None] * len(truth))
+
+
+def _hints(workload: Workload, name: str) -> list[int | None]:
+    """The hints `name` gives the workload's arrivals, as simulate asks for them."""
+    from throttllem.controller.evaluation import experiment, policies
+
+    policy = experiment._build(name, SETUP, None)
+    assert isinstance(policy, policies.ThrottllemPolicy)
+    policy.seed_hints(SETUP.seed)  # what start() does
+    return [policy.length_hint(r.output_tokens) for r in workload.requests]
+
+
+def test_noisy_hints_err_by_the_spread_asked_and_the_same_on_every_run(
+    workload: Workload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hinted:SIGMA`: clients whose estimates are off by a log-normal factor; the errors are
+    seeded by the setup, so every policy compared sees the same hints for the same arrivals."""
+    from throttllem.controller.evaluation import experiment
+
+    monkeypatch.setattr(experiment, "trained_model", lambda setup, progress=None: None)
+    truth = np.array([r.output_tokens for r in workload.requests], dtype=float)
+    noisy = _hints(workload, "hinted:0.5")
+    assert noisy == _hints(workload, "hinted:0.5")
+    assert all(h is not None and h >= 1 for h in noisy)
+    log_error = np.log(np.array(noisy, dtype=float) / truth)
+    assert np.mean(np.abs(log_error) > 0.05) > 0.8  # nearly every hint is off
+    assert 0.3 < float(np.std(log_error)) < 0.7
+    assert abs(float(np.median(log_error))) < 0.3  # off both ways, not biased
+    wide = np.log(np.array(_hints(workload, "hinted:1.5"), dtype=float) / truth)
+    assert float(np.std(wide)) > 2 * float(np.std(log_error))
+    assert _hints(workload, "hinted:0") == truth.astype(int).tolist()
 
 
 def test_a_controller_policy_starts_from_the_lengths_it_is_given(workload: Workload) -> None:
