@@ -13,7 +13,9 @@ replays `--window` seconds (600); a code run an eighth of the rescaled trace (~1
 Writes one JSON object per configuration to OUT/matrix.jsonl and prints a summary with each
 goal checked. `python benchmarks/eval_matrix.py [--quick] [--out DIR] [--window S] [--start F]
 [--policies max,throttllem]`: a held-out check needs only those two (static-matched runs only
-with static-best), at about a third of the time.
+with static-best), at about a third of the time. `--policies max,throttllem,oracle,hinted,
+hinted:0.5 [--length-hints trust]` adds what clients' length hints (exact, and off by a
+log-normal factor) give, each with its own summary line.
 """
 
 from __future__ import annotations
@@ -34,13 +36,19 @@ from throttllem.controller.evaluation.capacity import (
     paper_slo,
     scale_to_load,
 )
-from throttllem.controller.evaluation.experiment import compare, static_best
+from throttllem.controller.evaluation.experiment import (
+    PolicyError,
+    compare,
+    parse_policies,
+    static_best,
+)
 from throttllem.controller.evaluation.policies import StaticClock
 from throttllem.controller.evaluation.report import summarise
 from throttllem.controller.evaluation.simulator import EngineSetup, simulate
 from throttllem.controller.evaluation.workload import Workload, read_trace
 from throttllem.controller.events import Slo
 from throttllem.controller.length_memory import LearnedLengths, learned_from
+from throttllem.controller.length_predictor import HINT_USES
 from throttllem.controller.prefill_clock import PREFILL_CLOCKS
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
@@ -105,18 +113,28 @@ def build_cell(
 
 
 def run_one(
-    cell: Cell, prefill_clock: str = "auto", policies: list[str] | None = None
+    cell: Cell,
+    prefill_clock: str = "auto",
+    policies: list[str] | None = None,
+    length_hints: str = "cap",
 ) -> dict[str, Any]:
     work, setup, slo, capacity = cell.work, cell.setup, cell.slo, cell.capacity
     policies = policies or POLICIES
     comparison = compare(
-        work, setup, policies, slo, prefill_clock=prefill_clock, lengths=cell.lengths
+        work,
+        setup,
+        policies,
+        slo,
+        prefill_clock=prefill_clock,
+        lengths=cell.lengths,
+        length_hints=length_hints,
     )
     row: dict[str, Any] = {"trace": cell.kind, "model": cell.model, "tp": cell.tp,
                            "load": cell.load, "seed": cell.seed,
                            "requests": len(work.requests), "capacity_per_s": capacity.rate_per_s,
                            "e2e_slo_s": capacity.p99_e2e_s,
-                           "warm_lengths": cell.lengths.count if cell.lengths else 0}  # fmt: skip
+                           "warm_lengths": cell.lengths.count if cell.lengths else 0,
+                           "length_hints": length_hints}  # fmt: skip
     for name, s in comparison.summaries.items():
         row[name] = {k: getattr(s, k) for k in KEYS}
     if "static-best" not in policies:
@@ -202,6 +220,33 @@ def check(rows: list[dict[str, Any]]) -> list[str]:
         mean = statistics.fmean(ratios)
         lines.append(f"share of oracle's saving: mean {mean:.3f}, min {min(ratios):.2f} "
                      f"(goal >= 0.90) {'yes' if mean >= 0.90 else 'NO'}")  # fmt: skip
+    lines.extend(hinted_lines(rows, held))
+    return lines
+
+
+def hinted_lines(rows: list[dict[str, Any]], held: list[dict[str, Any]]) -> list[str]:
+    """One line per `hinted` policy measured in every row: what clients' hints give."""
+    names = [n for n in rows[0] if n.startswith("hinted")] if rows else []
+    lines = []
+    for name in names:
+        if not all(name in r and "oracle" in r for r in rows):
+            continue
+        uses = sorted({str(r.get("length_hints", "trust")) for r in rows})
+        per_trace = []
+        for t in dict.fromkeys(r["trace"] for r in rows):
+            mine = [r for r in rows if r["trace"] == t]
+            saving = statistics.fmean(r[name]["energy_saving_vs_max"] for r in mine)
+            per_trace.append(f"{t} {100 * saving:.2f}%")
+        ratios = [r[name]["energy_saving_vs_max"] / r["oracle"]["energy_saving_vs_max"]
+                  for r in rows if r["oracle"]["energy_saving_vs_max"] > 0.01]  # fmt: skip
+        below = [f"{r['trace']} {r['model']} {r['load']} s{r['seed']} "
+                 f"{100 * r[name]['slo_attainment']:.2f}%"
+                 for r in held if r[name]["slo_attainment"] < 0.99]  # fmt: skip
+        lines.append(f"{name} (length_hints {'/'.join(uses)}): mean saving "
+                     f"{', '.join(per_trace)}; share of oracle's saving "
+                     f"{statistics.fmean(ratios) if ratios else float('nan'):.3f}; attainment "
+                     f">= 99% where max holds it {len(held) - len(below)}/{len(held)}"
+                     + (f" (below: {'; '.join(below)})" if below else ""))  # fmt: skip
     return lines
 
 
@@ -261,13 +306,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--policies",
         default=",".join(POLICIES),
-        help="comma-separated, throttllem always included (default: all five)",
+        help="comma-separated, throttllem always included (default: all five); hinted and "
+        "hinted:SIGMA add clients' length hints",
+    )
+    parser.add_argument(
+        "--length-hints",
+        choices=HINT_USES,
+        default="cap",
+        help="how throttllem and hinted use the hints (length_predictor.HINT_USES)",
     )
     args = parser.parse_args(argv)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = sorted(set(policies) - set(POLICIES))
+    unknown = sorted(p for p in set(policies) - set(POLICIES) if not p.startswith("hinted"))
     if unknown:
-        parser.error(f"--policies: unknown {', '.join(unknown)} (known: {', '.join(POLICIES)})")
+        parser.error(f"--policies: unknown {', '.join(unknown)} (known: {', '.join(POLICIES)}, "
+                     "hinted, hinted:SIGMA)")  # fmt: skip
+    try:
+        parse_policies(",".join(p for p in policies if p.startswith("hinted")) or "max")
+    except PolicyError as e:
+        parser.error(f"--policies: {e}")
     if "throttllem" not in policies:
         policies.append("throttllem")
     if not TRACES.is_dir():
@@ -299,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     cell = build_cell(
                         kind, model, tp, load, seed, args.window, args.start, args.warm
                     )
-                    row = run_one(cell, args.prefill_clock, policies)
+                    row = run_one(cell, args.prefill_clock, policies, args.length_hints)
                     row["wall_s"] = time.monotonic() - t0
                     rows.append(row)
                     with path.open("a") as f:

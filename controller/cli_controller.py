@@ -47,6 +47,11 @@ SETTINGS = {  # option -> (type, help): also the keys a --config YAML file may h
         "floor pick), max while requests decode (short answers to long prompts), or auto "
         "(default: max while prefill stalls dominate the traffic; docs/controller.md item 7)",
     ),
+    "length_hints": (
+        str,
+        "how clients' output_length_hint is used: cap (default: a request is planned at the "
+        "shorter of its hint and what the lengths seen say), trust (at its hint), or ignore",
+    ),
     "idle_clocks": (
         str,
         "with nothing in flight: release (default: the GPU idles at its lowest clock and "
@@ -89,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "telemetry_timeout_s": 3.0,
     "observe_only": False,
     "prefill_clock": "auto",
+    "length_hints": "cap",
     "idle_clocks": "release",
     "gpu_idle_power_w": None,
     "lengths_dir": None,
@@ -156,6 +162,12 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if settings["prefill_clock"] not in PREFILL_CLOCKS:
         raise UsageError(
             f"prefill_clock '{settings['prefill_clock']}': valid: " + ", ".join(PREFILL_CLOCKS)
+        )
+    from .length_predictor import HINT_USES
+
+    if settings["length_hints"] not in HINT_USES:
+        raise UsageError(
+            f"length_hints '{settings['length_hints']}': valid: " + ", ".join(HINT_USES)
         )
     from .control_loop import IDLE_CLOCKS
 
@@ -242,6 +254,7 @@ def build_sidecar(settings: dict[str, Any]) -> Any:
         telemetry_timeout_s=settings["telemetry_timeout_s"],
         idle_power_w=settings["gpu_idle_power_w"],
         lengths_dir=Path(settings["lengths_dir"]) if settings["lengths_dir"] else None,
+        length_hints=settings["length_hints"],
         controller=ControllerConfig(
             prefill_clock=settings["prefill_clock"], idle_clocks=settings["idle_clocks"]
         ),

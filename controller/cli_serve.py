@@ -23,7 +23,7 @@ from throttllem.backend.telemetry.discovery import discover
 from throttllem.backend.triton_model.routing_file import write_routing_file
 
 from . import stop_signals
-from .cli_simulate import PREFILL_CLOCK_CHOICES
+from .cli_simulate import LENGTH_HINT_CHOICES, PREFILL_CLOCK_CHOICES
 from .serve_scaling import (
     SizePlan,
     add_scaling_arguments,
@@ -118,6 +118,13 @@ def add_parser(sub: Any) -> None:
         "controller --help`)",
     )
     p.add_argument(
+        "--length-hints",
+        choices=LENGTH_HINT_CHOICES,
+        default="cap",
+        help="how the controller uses clients' output_length_hint (see `throttllem "
+        "controller --help`)",
+    )
+    p.add_argument(
         "--controller-lengths-dir",
         type=Path,
         default=None,
@@ -151,6 +158,7 @@ def start_controller(
         "slo_e2e_ms": args.slo_e2e_ms,
         "watch_models": ",".join(watch) or None,
         "prefill_clock": args.prefill_clock,
+        "length_hints": args.length_hints,
         "lengths_dir": str(args.controller_lengths_dir) if args.controller_lengths_dir else None,
     }
     sidecar = build_sidecar(settings)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 # prefill_clock.PREFILL_CLOCKS, spelled out so that parsing does not import numpy (a test
 # keeps the two equal).
 PREFILL_CLOCK_CHOICES = ("auto", "optimal", "max")
+# length_predictor.HINT_USES, likewise.
+LENGTH_HINT_CHOICES = ("cap", "trust", "ignore")
 
 JSON_KEYS = (
     "energy_j",
@@ -86,6 +88,13 @@ def add_parser(sub: Any) -> None:
         "and the energy floor pick), 'max' while requests decode (short answers to long "
         "prompts), or 'auto' (default: 'max' while prefill stalls dominate the traffic; "
         "docs/controller.md item 7)",
+    )
+    sim.add_argument(
+        "--length-hints",
+        choices=LENGTH_HINT_CHOICES,
+        default="cap",
+        help="how throttllem and hinted use clients' output_length_hint: 'cap' (default: the "
+        "shorter of the hint and what the lengths seen say), 'trust' (the hint), 'ignore'",
     )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
@@ -232,7 +241,15 @@ def _simulate(args: argparse.Namespace) -> int:
 
         jobs = args.jobs or os.cpu_count() or 1
         comparison = compare(
-            workload, setup, policies, slo, progress, args.prefill_clock, jobs, lengths
+            workload,
+            setup,
+            policies,
+            slo,
+            progress,
+            args.prefill_clock,
+            jobs,
+            lengths,
+            args.length_hints,
         )
     if args.save_lengths is not None:
         from . import length_memory

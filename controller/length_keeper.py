@@ -25,8 +25,11 @@ Predictors = Callable[[str], list[LengthPredictor]]
 
 
 class LengthKeeper:
-    def __init__(self, directory: Path | None, every_s: float, now_s: float) -> None:
+    def __init__(
+        self, directory: Path | None, every_s: float, now_s: float, hints: str = "cap"
+    ) -> None:
         self.directory = directory  # None: nothing kept, every start learns afresh
+        self.hints = hints  # how the predictors use clients' hints (HINT_USES)
         self.every_s = every_s
         self._next_s = now_s + every_s
         self._writer: threading.Thread | None = None
@@ -37,7 +40,7 @@ class LengthKeeper:
         """A predictor for a new instance of `llm`, seeded with what its running siblings or its
         lengths file know (length_memory.seed); a file that cannot be used is reported and the
         instance learns afresh."""
-        predictor = LengthPredictor()
+        predictor = LengthPredictor(hints=self.hints)
         try:
             source = length_memory.seed(predictor, llm, siblings, self.directory)
         except length_memory.LengthMemoryError as e:

@@ -5,10 +5,17 @@ conservative: the prediction is the q-quantile of the lengths seen so far AMONG 
 what the request has already generated. So a request that outlives its first prediction gets a
 longer one at once; where few lengths in its bucket are that long, the quantile comes from every
 bucket's lengths, and one that outlives nearly every length seen is expected to run on as
-the longest lengths seen did. A client's hint, when present, is used instead while the request
-has generated fewer tokens than it says; one that outlives its hint is predicted as if it had
-none (a hint is the client's estimate, and a request planned to end at every next token would
-be run too slowly for its deadline). Never above max_tokens, never below generated + 1.
+the longest lengths seen did. Never above max_tokens, never below generated + 1.
+
+A client's hint (`output_length_hint`) is its estimate, and how it is used is the operator's
+choice (HINT_USES): `cap`, the default, plans a hinted request at the shorter of its hint and
+what the lengths seen say; `trust` at its hint; `ignore` as if it had none. Either way a request
+that outlives its hint is predicted as if it had none: planned to end at every next token, it
+would be run too slowly for its deadline. Why `cap`: the clock follows the tightest request, so
+a hint that errs long raises it for everyone, while one that errs short only runs its own
+request slower until it is outlived; with hints off by a log-normal factor of spread 0.5, `trust`
+cut the saving on the conversation trace from 43.8% to 36.9%, `cap` raised it to 44.4%
+(docs/evaluation.md, eighth session).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ TAIL_FIT_SAMPLES = MIN_SAMPLES
 # mean 211 output tokens. Used only before the predictor has learned anything.
 PRIOR_MEDIAN_TOKENS = 129.0
 PRIOR_SIGMA = 0.99
+# How a client's length hint is used (module docstring).
+HINT_USES = ("cap", "trust", "ignore")
 # Log2 prompt-length buckets, 64 tokens up (_bucket); also the layout a lengths file holds.
 BUCKETS = 8
 # Offsets buckets from one another in LengthPredictor._stacked: above any output length.
@@ -79,10 +88,19 @@ class PredictorError:
 
 
 class LengthPredictor:
-    def __init__(self, quantile: float = 0.9, window: int = 2048, buckets: int = BUCKETS) -> None:
+    def __init__(
+        self,
+        quantile: float = 0.9,
+        window: int = 2048,
+        buckets: int = BUCKETS,
+        hints: str = "cap",
+    ) -> None:
         if not 0 < quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+        if hints not in HINT_USES:
+            raise ValueError(f"hints must be one of {', '.join(HINT_USES)}, got {hints!r}")
         self.quantile = quantile
+        self.hints = hints
         self._buckets = [_Bucket(window) for _ in range(buckets)]
         self._pooled: npt.NDArray[np.int64] | None = None
         self._stack: _Stack | None = None
@@ -109,8 +127,11 @@ class LengthPredictor:
         predictor's own, as in predict_many)."""
         q = self.quantile if quantile is None else quantile
         floor = min(generated + 1, max_tokens)
-        if hint is not None and hint > generated:
-            return max(floor, min(hint, max_tokens))
+        if hint is not None and hint > generated and self.hints != "ignore":
+            given = max(floor, min(hint, max_tokens))
+            if self.hints == "trust":
+                return given
+            return min(given, self.predict(prompt_tokens, max_tokens, generated, None, q))
         samples = self._bucket(prompt_tokens).array()
         if samples.shape[0] < MIN_SAMPLES:
             prior = math.ceil(float(self._prior_beyond(q, np.array([generated]))[0]))
@@ -132,42 +153,57 @@ class LengthPredictor:
         hint: npt.NDArray[np.int64],
         quantile: float | None = None,
     ) -> npt.NDArray[np.int64]:
-        """`predict` for many requests at once (hint <= 0: none; a hint outlived counts as
-        none, as in `predict`); the decision's hot path.
+        """`predict` for many requests at once (hint <= 0: none); the decision's hot path.
         `quantile` overrides the predictor's own: a low one says how short a request may turn
         out."""
         q = self.quantile if quantile is None else quantile
         if not 0 < q < 1:
             raise ValueError(f"quantile must be in (0, 1), got {q}")
         floor = np.minimum(generated + 1, max_tokens)
-        out = np.maximum(floor, np.minimum(hint, max_tokens))
-        free = (hint <= 0) | (hint <= generated)
-        if not free.any():
-            return out
+        given = np.maximum(floor, np.minimum(hint, max_tokens))
+        hinted = (hint > generated) & (self.hints != "ignore")
+        out = given.copy()
+        # `trust` needs the lengths seen only for requests whose hint no longer speaks; `cap`
+        # for every request, to cap the hinted ones.
+        free = ~hinted if self.hints == "trust" else np.ones_like(hinted)
+        if free.any():
+            out[free] = self._from_lengths(
+                prompt_tokens[free], max_tokens[free], generated[free], floor[free], q
+            )
+        if self.hints == "cap":
+            out[hinted] = np.minimum(out[hinted], given[hinted])
+        return out
+
+    def _from_lengths(
+        self,
+        prompt_tokens: npt.NDArray[np.int64],
+        max_tokens: npt.NDArray[np.int64],
+        generated: npt.NDArray[np.int64],
+        floor: npt.NDArray[np.int64],
+        q: float,
+    ) -> npt.NDArray[np.int64]:
+        """predict_many's prediction from the lengths seen (or the prior), hints aside."""
         # Every request's quantile from one searchsorted over the buckets stacked end to end
         # (bucket b's lengths offset by b x _STACK_STRIDE): a loop over the buckets took a
         # fifth of a throttllem simulation's time, in numpy calls on a few dozen requests.
-        pick_free = np.nonzero(free)[0]
-        index = np.log2(np.maximum(prompt_tokens[pick_free], 1)).astype(np.int64) - 6
+        index = np.log2(np.maximum(prompt_tokens, 1)).astype(np.int64) - 6
         index = np.clip(index, 0, len(self._buckets) - 1)
         stacked, starts, counts = self._stacked()
         n = counts[index]
-        gen, cap = generated[pick_free], max_tokens[pick_free]
-        result = np.empty(pick_free.shape[0], dtype=np.int64)
+        result = np.empty(prompt_tokens.shape[0], dtype=np.int64)
         learned = n >= MIN_SAMPLES
         if not learned.all():
-            prior = np.ceil(self._prior_beyond(q, gen[~learned]))
+            prior = np.ceil(self._prior_beyond(q, generated[~learned]))
             result[~learned] = np.maximum(
-                floor[pick_free][~learned], np.minimum(prior.astype(np.int64), cap[~learned])
+                floor[~learned], np.minimum(prior.astype(np.int64), max_tokens[~learned])
             )
         if learned.any():
-            b, g = index[learned], gen[learned]
+            b, g = index[learned], generated[learned]
             above = self._quantile_above(
                 stacked, g, q, start=starts[b], count=n[learned], offset=b * _STACK_STRIDE
             )
-            result[learned] = self._from_tail(above, g, cap[learned], q)
-        out[pick_free] = result
-        return out
+            result[learned] = self._from_tail(above, g, max_tokens[learned], q)
+        return result
 
     def _tail_quantile(
         self,

@@ -63,6 +63,8 @@ class SidecarConfig:
     # None: every start learns afresh.
     lengths_dir: Path | None = None
     lengths_save_every_s: float = 60.0
+    # How clients' length hints are used (length_predictor.HINT_USES).
+    length_hints: str = "cap"
 
 
 @dataclass
@@ -100,7 +102,10 @@ class Sidecar:
         self._next_discovery = 0.0
         # Learned output lengths kept across restarts: seeded, saved every so often, off the loop.
         self.lengths = LengthKeeper(
-            config.lengths_dir, config.lengths_save_every_s, time.monotonic()
+            config.lengths_dir,
+            config.lengths_save_every_s,
+            time.monotonic(),
+            hints=config.length_hints,
         )
 
     # ---- set-up -------------------------------------------------------------------------------

@@ -112,9 +112,12 @@ def _build(
     progress: Callable[[str], None] | None,
     prefill_clock: str = "auto",
     lengths: LearnedLengths | None = None,
+    length_hints: str = "cap",
 ) -> Policy:
     """`lengths`: what throttllem, hinted and the oracle start knowing of output lengths (a
-    controller restarted with its lengths file); None: nothing, as a new controller."""
+    controller restarted with its lengths file); None: nothing, as a new controller.
+    `length_hints`: how throttllem and hinted use clients' hints (length_predictor.HINT_USES);
+    the oracle trusts its own, the true lengths."""
     if name == "max":
         return MaxClock()
     if name.startswith("static:"):
@@ -123,7 +126,10 @@ def _build(
         return PidClock()
     if name == "throttllem":
         return ThrottllemPolicy(
-            trained_model(setup, progress), prefill_clock=prefill_clock, lengths=lengths
+            trained_model(setup, progress),
+            prefill_clock=prefill_clock,
+            lengths=lengths,
+            length_hints=length_hints,
         )
     if name == "hinted" or name.startswith("hinted:"):
         return ThrottllemPolicy(
@@ -133,10 +139,16 @@ def _build(
             hint_error=hint_error(name),
             prefill_clock=prefill_clock,
             lengths=lengths,
+            length_hints=length_hints,
         )
     if name == "oracle":
         return ThrottllemPolicy(
-            None, name="oracle", true_lengths=True, prefill_clock=prefill_clock, lengths=lengths
+            None,
+            name="oracle",
+            true_lengths=True,
+            prefill_clock=prefill_clock,
+            lengths=lengths,
+            length_hints="trust",
         )
     raise PolicyError(f"unknown policy '{name}'")
 
@@ -168,9 +180,11 @@ def _simulate_one(
     slo: Slo,
     prefill_clock: str,
     lengths: LearnedLengths | None,
+    length_hints: str,
 ) -> SimResult:
     """One policy's run, in a worker process (compare's `jobs`)."""
-    return simulate(workload, setup, _build(name, setup, None, prefill_clock, lengths), slo)
+    policy = _build(name, setup, None, prefill_clock, lengths, length_hints)
+    return simulate(workload, setup, policy, slo)
 
 
 def compare(
@@ -182,12 +196,13 @@ def compare(
     prefill_clock: str = "auto",
     jobs: int = 1,
     lengths: LearnedLengths | None = None,
+    length_hints: str = "cap",
 ) -> Comparison:
     """Run every policy on the same arrivals; `max` always runs (it is the baseline).
     `prefill_clock` is throttllem's and the oracle's (prefill_clock.PREFILL_CLOCKS). `jobs` > 1
     runs the policies in that many processes at once: each run is seeded by `setup` alone, so
     the results are the same as one after the other. `progress` hears "finished NAME" once per
-    policy run, `max` included. `lengths`: see _build."""
+    policy run, `max` included. `lengths` and `length_hints`: see _build."""
     order = ["max", *[p for p in policies if p != "max"]]
     results: dict[str, SimResult] = {}
     # static-best searches for max's attainment, so it runs after the others.
@@ -202,7 +217,16 @@ def compare(
             progress(f"simulating {', '.join(independent)} in {workers} processes")
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {
-                pool.submit(_simulate_one, n, workload, setup, slo, prefill_clock, lengths): n
+                pool.submit(
+                    _simulate_one,
+                    n,
+                    workload,
+                    setup,
+                    slo,
+                    prefill_clock,
+                    lengths,
+                    length_hints,
+                ): n
                 for n in independent
             }
             for future in as_completed(futures):
@@ -213,7 +237,7 @@ def compare(
         for name in independent:
             if progress:
                 progress(f"simulating {name}")
-            policy = _build(name, setup, progress, prefill_clock, lengths)
+            policy = _build(name, setup, progress, prefill_clock, lengths, length_hints)
             results[name] = simulate(workload, setup, policy, slo)
             if progress:
                 progress(f"finished {name}")

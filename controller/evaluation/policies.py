@@ -125,8 +125,12 @@ class ThrottllemPolicy(Policy):
         marginal_energy: bool = True,
         prefill_clock: str = "auto",
         lengths: LearnedLengths | None = None,
+        length_hints: str = "cap",
     ) -> None:
         self.name = name
+        # How the controller uses the hints (length_predictor.HINT_USES); the oracle trusts
+        # them, since its hints are the truth.
+        self.length_hints = length_hints
         self.marginal_energy = marginal_energy
         # What a controller restarted with its lengths file knows at the start
         # (length_memory.py); None: it starts as a new one does, from the prior.
@@ -180,7 +184,7 @@ class ThrottllemPolicy(Policy):
             tokens_per_block=ctx.tokens_per_block,
             idle_power_w=ctx.gpu.idle_power_w if self.marginal_energy else 0.0,
         )
-        predictor = LengthPredictor(quantile=self.quantile)
+        predictor = LengthPredictor(quantile=self.quantile, hints=self.length_hints)
         if self.lengths is not None:
             predictor.restore(self.lengths.buckets)
         board = Scoreboard(predictor, ctx.slo, ctx.tokens_per_block)

@@ -142,3 +142,47 @@ def test_serve_hands_its_lengths_dir_to_the_controller_it_starts(
         )
         thread.join()
         assert seen[-1]["lengths_dir"] == expected
+
+
+def test_length_hints_setting_reaches_every_new_instances_predictor() -> None:
+    from throttllem.controller.cli import build_parser
+    from throttllem.controller.cli_controller import resolve_settings
+    from throttllem.controller.cli_simulate import LENGTH_HINT_CHOICES
+    from throttllem.controller.cli_twin import UsageError
+    from throttllem.controller.length_predictor import HINT_USES
+
+    assert LENGTH_HINT_CHOICES == HINT_USES
+    flags = ["controller", "--length-hints", "trust"]
+    sidecar = build_sidecar(resolve_settings(build_parser().parse_args(flags)))
+    assert sidecar.config.length_hints == "trust"
+    assert sidecar.lengths.new_predictor("llm", "i0", []).hints == "trust"
+    default = build_sidecar(DEFAULTS)
+    assert default.lengths.new_predictor("llm", "i0", []).hints == "cap"
+    with pytest.raises(UsageError, match="length_hints 'always': valid: cap, trust, ignore"):
+        resolve_settings(build_parser().parse_args(["controller", "--length-hints", "always"]))
+
+
+def test_serve_hands_its_use_of_length_hints_to_the_controller_it_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from throttllem.controller import cli_controller, cli_serve
+    from throttllem.controller.cli import build_parser
+
+    seen: list[dict[str, Any]] = []
+
+    class Idle:
+        def run(self, stop: threading.Event) -> None:
+            pass
+
+    def fake_build(settings: dict[str, Any]) -> Idle:
+        seen.append(settings)
+        return Idle()
+
+    monkeypatch.setattr(cli_controller, "build_sidecar", fake_build)
+    for extra, expected in ((["--length-hints", "ignore"], "ignore"), ([], "cap")):
+        flags = ["serve", "--controller-metrics-port", "0", *extra]
+        thread, _ = cli_serve.start_controller(
+            build_parser().parse_args(flags), tmp_path / "registry", threading.Event()
+        )
+        thread.join()
+        assert seen[-1]["length_hints"] == expected

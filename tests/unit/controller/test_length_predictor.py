@@ -53,17 +53,49 @@ def test_conditioned_on_prompt_length() -> None:
     assert p.predict(3000, 4096) == 400
 
 
-def test_hint_wins_but_is_bounded() -> None:
-    p = _trained([10] * 100)
+def _with_hints(lengths: list[int], hints: str) -> LengthPredictor:
+    p = LengthPredictor(hints=hints)
+    for n in lengths:
+        p.observe(500, n, predicted_at_arrival=n)
+    return p
+
+
+def test_a_trusted_hint_wins_but_is_bounded() -> None:
+    p = _with_hints([10] * 100, "trust")
     assert p.predict(500, 4096, hint=300) == 300
     assert p.predict(500, 200, hint=300) == 200
     assert p.predict(500, 4096, generated=299, hint=300) == 300
 
 
-def test_a_request_that_outlives_its_hint_is_predicted_from_the_lengths_seen() -> None:
+def test_by_default_a_hint_shortens_the_plan_and_never_lengthens_it() -> None:
+    # Lengths 1..1000 seen: unhinted, a new request is planned at ~900 (their 90% quantile).
+    p = _with_hints(list(range(1, 1001)), "cap")
+    assert p.hints == LengthPredictor().hints == "cap"
+    unhinted = p.predict(500, 4096)
+    assert 850 < unhinted < 950
+    assert p.predict(500, 4096, hint=40) == 40
+    assert p.predict(500, 4096, hint=3000) == unhinted
+    assert p.predict(500, 4096, generated=500, hint=600) == 600
+    assert p.predict(500, 4096, generated=500, hint=3000) == p.predict(500, 4096, generated=500)
+
+
+def test_an_ignored_hint_changes_nothing() -> None:
+    p = _with_hints(list(range(1, 1001)), "ignore")
+    assert p.predict(500, 4096, hint=40) == p.predict(500, 4096)
+    many = p.predict_many(np.array([500]), np.array([4096]), np.array([0]), np.array([40]))
+    assert many.tolist() == [p.predict(500, 4096)]
+
+
+def test_an_unknown_use_of_hints_is_refused() -> None:
+    with pytest.raises(ValueError, match="hints must be one of cap, trust, ignore"):
+        LengthPredictor(hints="always")
+
+
+@pytest.mark.parametrize("hints", ["cap", "trust"])
+def test_a_request_that_outlives_its_hint_is_predicted_from_the_lengths_seen(hints: str) -> None:
     # A wrong hint must not plan the request to end at every next token: from the lengths seen,
     # one that has generated 350 runs on to about 900 (the 90% quantile of 351..1000).
-    p = _trained(list(range(1, 1001)))
+    p = _with_hints(list(range(1, 1001)), hints)
     unhinted = p.predict(500, 4096, generated=350)
     assert unhinted > 800
     assert p.predict(500, 4096, generated=350, hint=300) == unhinted
@@ -125,9 +157,10 @@ def test_bad_quantile_is_rejected() -> None:
         LengthPredictor(quantile=1.0)
 
 
-def test_predict_many_agrees_with_predict() -> None:
+@pytest.mark.parametrize("hints", ["cap", "trust", "ignore"])
+def test_predict_many_agrees_with_predict(hints: str) -> None:
     rng = np.random.default_rng(3)
-    p = LengthPredictor(quantile=0.8)
+    p = LengthPredictor(quantile=0.8, hints=hints)
     for _ in range(500):
         p.observe(int(rng.integers(1, 5000)), int(rng.integers(1, 900)), 100)
     n = 400

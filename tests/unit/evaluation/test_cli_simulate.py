@@ -142,6 +142,8 @@ def test_an_unsupported_static_clock_exits_2_naming_it(
         (["--load", "abc"], "--load"),
         (["--policy", "bogus"], "--policy"),
         (["--policy", ""], "--policy"),
+        (["--policy", "max,hinted:wide"], "hinted:wide"),
+        (["--length-hints", "always"], "--length-hints"),
         (["--duration", "-1"], "--duration"),
         (["--duration", "0"], "--duration"),
         (["--capacity", "trace"], "--capacity trace"),
@@ -283,3 +285,24 @@ def test_an_unusable_lengths_file_exits_2_naming_it_before_simulating(
     line = _error_line(err)
     assert f"--lengths-file {path}: {named}" in line
     assert "finding the capacity" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"), [([], "cap"), (["--length-hints", "trust"], "trust")]
+)
+def test_the_use_of_length_hints_reaches_the_comparison(
+    monkeypatch: pytest.MonkeyPatch, trace: Path, slo_file: Path, extra: list[str], expected: str
+) -> None:
+    from throttllem.controller.evaluation import experiment
+
+    seen: list[str] = []
+    real = experiment.compare
+
+    def spy(*args: object, **kwargs: object) -> experiment.Comparison:
+        seen.append(str(args[8] if len(args) > 8 else kwargs["length_hints"]))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experiment, "compare", spy)
+    argv = _sim(trace, slo_file, "--policy", "max", "--load", "0.1", "--jobs", "1", *extra)
+    assert main(argv) == 0
+    assert seen == [expected]
