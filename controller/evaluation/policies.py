@@ -143,7 +143,7 @@ class ThrottllemPolicy(Policy):
             raise ValueError(f"hint_error must be a finite number >= 0, got {hint_error}")
         self.true_lengths = true_lengths
         self.hint_error = hint_error
-        self._hint_noise = np.random.default_rng(0)
+        self.seed_hints(0)  # start() seeds it again, from the setup
         self.quantile = quantile
         self.config = config or ControllerConfig(
             decision_period_s=0.25,

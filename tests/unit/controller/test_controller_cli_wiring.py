@@ -115,9 +115,10 @@ def test_lengths_dir_setting_reaches_the_sidecar(tmp_path: Path) -> None:
     assert build_sidecar(DEFAULTS).config.lengths_dir is None
 
 
-def test_serve_hands_its_lengths_dir_to_the_controller_it_starts(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def _serve_controller_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, extra: list[str]
+) -> dict[str, Any]:
+    """The settings `throttllem serve` with these flags hands the controller it starts."""
     from throttllem.controller import cli_controller, cli_serve
     from throttllem.controller.cli import build_parser
 
@@ -132,16 +133,24 @@ def test_serve_hands_its_lengths_dir_to_the_controller_it_starts(
         return Idle()
 
     monkeypatch.setattr(cli_controller, "build_sidecar", fake_build)
+    flags = ["serve", "--controller-metrics-port", "0", *extra]
+    thread, _ = cli_serve.start_controller(
+        build_parser().parse_args(flags), tmp_path / "registry", threading.Event()
+    )
+    thread.join()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_serve_hands_its_lengths_dir_to_the_controller_it_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     for extra, expected in (
         (["--controller-lengths-dir", str(tmp_path / "l")], str(tmp_path / "l")),
         ([], None),
     ):
-        flags = ["serve", "--controller-metrics-port", "0", *extra]
-        thread, _ = cli_serve.start_controller(
-            build_parser().parse_args(flags), tmp_path / "registry", threading.Event()
-        )
-        thread.join()
-        assert seen[-1]["lengths_dir"] == expected
+        settings = _serve_controller_settings(monkeypatch, tmp_path, extra)
+        assert settings["lengths_dir"] == expected
 
 
 def test_length_hints_setting_reaches_every_new_instances_predictor() -> None:
@@ -165,24 +174,6 @@ def test_length_hints_setting_reaches_every_new_instances_predictor() -> None:
 def test_serve_hands_its_use_of_length_hints_to_the_controller_it_starts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from throttllem.controller import cli_controller, cli_serve
-    from throttllem.controller.cli import build_parser
-
-    seen: list[dict[str, Any]] = []
-
-    class Idle:
-        def run(self, stop: threading.Event) -> None:
-            pass
-
-    def fake_build(settings: dict[str, Any]) -> Idle:
-        seen.append(settings)
-        return Idle()
-
-    monkeypatch.setattr(cli_controller, "build_sidecar", fake_build)
     for extra, expected in ((["--length-hints", "ignore"], "ignore"), ([], "cap")):
-        flags = ["serve", "--controller-metrics-port", "0", *extra]
-        thread, _ = cli_serve.start_controller(
-            build_parser().parse_args(flags), tmp_path / "registry", threading.Event()
-        )
-        thread.join()
-        assert seen[-1]["length_hints"] == expected
+        settings = _serve_controller_settings(monkeypatch, tmp_path, extra)
+        assert settings["length_hints"] == expected
